@@ -1,0 +1,3 @@
+"""lightning_epfl.callbacks"""
+
+__all__: list[str] = []

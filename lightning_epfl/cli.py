@@ -1,0 +1,65 @@
+"""LightningCLI entry point: ``lightning-epfl {fit,validate,test,predict}`` and ``python -m lightning_epfl``.
+
+Every component of the package is importable by ``class_path`` (``lightning_epfl.callbacks.WindowedSWA``,
+``lightning_epfl.modules.CausalLMModule``, ...), so a YAML file can compose any of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeUnion
+
+
+class EPFLCLI(LightningCLI):
+    """LightningCLI whose automatic top-level ``lr_scheduler`` steps once per optimizer step.
+
+    Lightning's default ``configure_optimizers`` returns ``[optimizer], [scheduler]``, which Lightning steps once
+    per *epoch*; schedules in this package (``WSDScheduler``) are functions of the optimizer step, so the
+    scheduler is returned with ``interval="step"`` (``ReduceLROnPlateau`` keeps its epoch interval and monitor).
+    """
+
+    @staticmethod
+    def configure_optimizers(
+        lightning_module: LightningModule,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: LRSchedulerTypeUnion | None = None,
+    ) -> Any:
+        if lr_scheduler is None:
+            return optimizer
+        if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor},
+            }
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+
+
+def cli_main(args: ArgsType = None, run: bool = True) -> EPFLCLI:
+    """Build (and by default run) the package's LightningCLI.
+
+    Args:
+        args: Command-line arguments (list or dict); ``None`` reads ``sys.argv``.
+        run: Whether to run the subcommand (``fit``, ``validate``, ``test``, ``predict``).
+
+    Returns:
+        The CLI object (``cli.trainer``, ``cli.model``, ``cli.datamodule``).
+    """
+    import lightning_epfl  # noqa: F401  (registers components)
+
+    return EPFLCLI(
+        LightningModule,
+        None,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=True,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    cli_main()

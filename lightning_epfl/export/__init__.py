@@ -1,0 +1,3 @@
+"""lightning_epfl.export"""
+
+__all__: list[str] = []

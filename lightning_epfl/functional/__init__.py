@@ -1,0 +1,3 @@
+"""lightning_epfl.functional"""
+
+__all__: list[str] = []

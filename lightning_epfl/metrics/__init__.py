@@ -1,0 +1,3 @@
+"""lightning_epfl.metrics"""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""lightning_epfl.modules"""
+
+__all__: list[str] = []

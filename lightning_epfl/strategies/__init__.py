@@ -1,0 +1,3 @@
+"""lightning_epfl.strategies"""
+
+__all__: list[str] = []
