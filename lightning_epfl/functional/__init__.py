@@ -11,3 +11,25 @@ from lightning_epfl.functional.topology import (
 
 __all__: list[str] = []
 __all__ += ["MixingReport", "Topology", "check_mixing_matrix", "mixing_contraction", "mixing_matrix", "spectral_gap"]
+
+from lightning_epfl.functional.schedules import (  # noqa: E402
+    CooldownShape,
+    WSDScheduler,
+    cooldown_factor,
+    resolve_cooldown,
+    wsd_lr_factor,
+)
+
+__all__ += ["CooldownShape", "WSDScheduler", "cooldown_factor", "resolve_cooldown", "wsd_lr_factor"]
+
+from lightning_epfl.functional.rank import (  # noqa: E402
+    dead_units,
+    effective_rank,
+    numerical_rank,
+    pca_rank,
+    rankme,
+    spectral_metrics,
+    stable_rank,
+)
+
+__all__ += ["dead_units", "effective_rank", "numerical_rank", "pca_rank", "rankme", "spectral_metrics", "stable_rank"]
