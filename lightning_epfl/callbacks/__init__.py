@@ -1,3 +1,7 @@
 """lightning_epfl.callbacks"""
 
 __all__: list[str] = []
+
+from lightning_epfl.callbacks.feature_rank import FeatureRankMonitor  # noqa: E402
+
+__all__ += ["FeatureRankMonitor"]
