@@ -1,5 +1,14 @@
 """lightning_epfl.functional"""
 
+from lightning_epfl.functional.collab_metrics import (
+    adjusted_rand_index,
+    cluster_assignments,
+    consensus_distance,
+    improved_fraction,
+    pair_accuracy,
+    recovery_metrics,
+    w_within_between,
+)
 from lightning_epfl.functional.topology import (
     MixingReport,
     Topology,
@@ -33,3 +42,12 @@ from lightning_epfl.functional.rank import (  # noqa: E402
 )
 
 __all__ += ["dead_units", "effective_rank", "numerical_rank", "pca_rank", "rankme", "spectral_metrics", "stable_rank"]
+__all__ += [
+    "adjusted_rand_index",
+    "cluster_assignments",
+    "consensus_distance",
+    "improved_fraction",
+    "pair_accuracy",
+    "recovery_metrics",
+    "w_within_between",
+]
