@@ -3,3 +3,12 @@
 from lightning_epfl.datamodules.digits import DigitsDataModule, load_digits_arrays
 
 __all__ = ["DigitsDataModule", "load_digits_arrays"]
+
+from lightning_epfl.datamodules.few_shot import (  # noqa: E402
+    FewShotDigits,
+    LinearRegressionTasks,
+    SinusoidTasks,
+    TaskBatch,
+)
+
+__all__ += ["FewShotDigits", "LinearRegressionTasks", "SinusoidTasks", "TaskBatch"]

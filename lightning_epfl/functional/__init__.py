@@ -51,3 +51,32 @@ __all__ += [
     "recovery_metrics",
     "w_within_between",
 ]
+
+from lightning_epfl.functional.meta import (  # noqa: E402
+    adapt_and_predict,
+    batched_task_grad,
+    fo_b_maml_task_grad,
+    fomaml_task_grad,
+    inner_adapt,
+    maml_task_grad,
+    quadratic_fomaml_fixed_point,
+    quadratic_maml_gradient,
+    quadratic_maml_solution,
+    reptile_task_grad,
+)
+from lightning_epfl.functional.meta_optim import global_norm, outer_step_scale  # noqa: E402
+
+__all__ += [
+    "adapt_and_predict",
+    "batched_task_grad",
+    "fo_b_maml_task_grad",
+    "fomaml_task_grad",
+    "global_norm",
+    "inner_adapt",
+    "maml_task_grad",
+    "outer_step_scale",
+    "quadratic_fomaml_fixed_point",
+    "quadratic_maml_gradient",
+    "quadratic_maml_solution",
+    "reptile_task_grad",
+]

@@ -5,3 +5,8 @@ __all__: list[str] = []
 from lightning_epfl.modules.deep_mlp import DeepMLPClassifier  # noqa: E402
 
 __all__ += ["DeepMLPClassifier"]
+
+from lightning_epfl.modules.meta_learning import MLP, MetaLearningModule  # noqa: E402
+from lightning_epfl.modules.meta_optim import MetaOptimizer  # noqa: E402
+
+__all__ += ["MLP", "MetaLearningModule", "MetaOptimizer"]
