@@ -1,8 +1,9 @@
 """Datamodules on real data that needs no download."""
 
 from lightning_epfl.datamodules.digits import DigitsDataModule, load_digits_arrays
+from lightning_epfl.datamodules.text import ByteTokenizer, TextDataModule, load_tokenizer
 
-__all__ = ["DigitsDataModule", "load_digits_arrays"]
+__all__ = ["ByteTokenizer", "DigitsDataModule", "TextDataModule", "load_digits_arrays", "load_tokenizer"]
 
 from lightning_epfl.datamodules.few_shot import (  # noqa: E402
     FewShotDigits,

@@ -1,6 +1,8 @@
-"""lightning_epfl.modules"""
+"""LightningModules and layers."""
 
-__all__: list[str] = []
+from lightning_epfl.modules.causal_lm import CausalLMModule
+
+__all__: list[str] = ["CausalLMModule"]
 
 from lightning_epfl.modules.deep_mlp import DeepMLPClassifier  # noqa: E402
 

@@ -1,0 +1,248 @@
+"""Causal language model module
+==============================
+
+A LightningModule around any ``transformers`` causal LM: a small Llama built from a config (default about 0.8M
+parameters with the byte vocabulary, trainable on 2 CPU cores in minutes), or a model loaded from a local folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+DEFAULT_LLAMA_CONFIG: dict[str, Any] = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 344,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-5,
+}
+"""Defaults of the small Llama that ``CausalLMModule`` builds; ``config`` entries override them."""
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """AdamW with the WSD paper's settings: lr 1e-3, betas (0.9, 0.95), weight decay 0.1."""
+    return torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+class CausalLMModule(LightningModule):
+    """Train or fine-tune a ``transformers`` causal LM with next-token cross-entropy.
+
+    The model is built in :meth:`configure_model` (after the datamodule's ``setup``), so ``--print_config`` stays
+    cheap and the vocabulary size can come from the datamodule (``trainer.datamodule.vocab_size``).
+
+    Logged: ``train/loss`` (per step, nats/token), ``val/loss`` (token-weighted mean over the validation set),
+    ``val/ppl`` (``exp(val/loss)``), and the same under ``test/``.
+
+    Args:
+        config: Overrides of :data:`DEFAULT_LLAMA_CONFIG` (any ``transformers`` config field, ``model_type`` to pick
+            another architecture). ``vocab_size`` defaults to the datamodule's. Mutually exclusive with
+            ``pretrained_path``.
+        pretrained_path: A local ``transformers`` model folder (``from_pretrained(path, local_files_only=True)``).
+        optimizer: Optimizer factory called with the trainable parameters (default: AdamW, lr 1e-3,
+            betas (0.9, 0.95), weight decay 0.1).
+        lr_scheduler: Scheduler factory called with the optimizer; stepped once per optimizer step
+            (``interval="step"``), e.g. ``lightning_epfl.WSDScheduler``.
+        lora: ``peft.LoraConfig`` arguments; when given, the model is wrapped with LoRA adapters and only they
+            train. ``target_modules`` defaults to ``"all-linear"``.
+
+    Raises:
+        MisconfigurationException: If both ``config`` and ``pretrained_path`` are given, ``pretrained_path`` is not
+            an existing folder, or (in ``configure_model``) no vocabulary size is known.
+    """
+
+    def __init__(
+        self,
+        config: dict | None = None,
+        pretrained_path: str | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lora: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if config is not None and pretrained_path is not None:
+            raise MisconfigurationException("Give either `config` or `pretrained_path`, not both.")
+        if pretrained_path is not None and not os.path.isdir(pretrained_path):
+            raise MisconfigurationException(
+                f"`pretrained_path` must be an existing local folder, got {pretrained_path!r}."
+            )
+        # the optimizer/scheduler factories stay out of the checkpoint so that it loads with `weights_only=True`;
+        # LightningCLI records them in config.yaml
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.config = dict(config or {})
+        self.pretrained_path = pretrained_path
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.lora = lora
+        self.model: torch.nn.Module | None = None
+        self._hf_config: dict | None = None
+        self._tokenizer: Any = None
+        self._eval_sums: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ model
+    def build_config(self, vocab_size: int | None = None) -> Any:
+        """Return the ``transformers`` config of the model to build from scratch."""
+        from transformers import AutoConfig
+
+        values = {**DEFAULT_LLAMA_CONFIG, **self.config}
+        if "vocab_size" not in self.config:
+            if vocab_size is None:
+                raise MisconfigurationException(
+                    "CausalLMModule needs a vocabulary size: set `config: {vocab_size: ...}` or use a datamodule "
+                    "with a `vocab_size` attribute."
+                )
+            values["vocab_size"] = vocab_size
+        model_type = values.pop("model_type")
+        return AutoConfig.for_model(model_type, **values)
+
+    def _datamodule(self) -> Any:
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if (
+            self._trainer is None
+            and self._hf_config is None
+            and self.pretrained_path is None
+            and "vocab_size" not in self.config
+        ):
+            return  # `load_from_checkpoint` outside a Trainer: `on_load_checkpoint` builds from the stored config
+        from transformers import AutoModelForCausalLM
+
+        datamodule = self._datamodule()
+        if self._hf_config is not None:  # restored from a checkpoint before the model existed
+            from transformers import AutoConfig
+
+            cfg = dict(self._hf_config)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+        elif self.pretrained_path is not None:
+            model = AutoModelForCausalLM.from_pretrained(self.pretrained_path, local_files_only=True)
+        else:
+            model = AutoModelForCausalLM.from_config(self.build_config(getattr(datamodule, "vocab_size", None)))
+        self._hf_config = model.config.to_dict()
+        if self.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(**{"target_modules": "all-linear", **self.lora}))
+        self.model = model
+        if datamodule is not None and hasattr(datamodule, "tokenizer"):
+            self._tokenizer = datamodule.tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of the data the model was trained on (byte-level unless a local tokenizer was used)."""
+        if self._tokenizer is None:
+            from lightning_epfl.datamodules.text import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.pretrained_path)
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Return logits of shape ``(batch, seq, vocab)`` for ``input_ids`` of shape ``(batch, seq)``."""
+        assert self.model is not None, "call configure_model() first"
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the summed next-token cross-entropy (nats) and the number of predicted tokens."""
+        input_ids = batch["input_ids"]
+        labels = batch.get("labels", input_ids)
+        logits = self(input_ids, batch.get("attention_mask"))
+        shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
+        shift_labels = labels[:, 1:].reshape(-1)
+        loss_sum = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+        return loss_sum, (shift_labels != -100).sum()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss_sum, count = self._loss_sum(batch)
+        loss = loss_sum / count.clamp_min(1)
+        self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        loss_sum, count = self._loss_sum(batch)
+        loss = loss_sum / count.clamp_min(1)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=int(count), sync_dist=True)
+        sums = self._eval_sums.setdefault(stage, torch.zeros(2, dtype=torch.float64, device=loss.device))
+        sums += torch.stack([loss_sum.detach().double(), count.double()])
+        return loss
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        sums = self._eval_sums.pop(stage, None)
+        if sums is None:
+            return
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        self.log(f"{stage}/ppl", math.exp(min(float(sums[0] / sums[1].clamp_min(1)), 80.0)), batch_size=1)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["hf_config"] = self._hf_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model is None and checkpoint.get("hf_config") is not None:
+            self._hf_config = dict(checkpoint["hf_config"])
+            self.configure_model()  # `load_from_checkpoint` outside a Trainer: build before the state dict loads
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write a ``transformers``-loadable model and its tokenizer description to ``directory``.
+
+        The folder is written under a temporary name and renamed, so an existing export is replaced whole or not at
+        all. LoRA adapters are merged into the base weights first (on a copy), so the result loads with
+        ``AutoModelForCausalLM.from_pretrained(directory)``; ``load_tokenizer(directory)`` gives the tokenizer.
+        """
+        if self.model is None:
+            raise RuntimeError("The model is not built yet: call `configure_model()` or train first.")
+        model: Any = self.model
+        if hasattr(model, "merge_and_unload"):
+            import copy
+
+            model = copy.deepcopy(model).merge_and_unload()
+        directory = os.path.abspath(directory)
+        parent = os.path.dirname(directory)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+        try:
+            model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            old = None
+            if os.path.exists(directory):
+                old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
+                os.replace(directory, os.path.join(old, "x"))
+            os.replace(tmp, directory)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
