@@ -5,3 +5,7 @@ __all__: list[str] = []
 from lightning_epfl.callbacks.feature_rank import FeatureRankMonitor  # noqa: E402
 
 __all__ += ["FeatureRankMonitor"]
+
+from lightning_epfl.callbacks.cooldown import Cooldown  # noqa: E402
+
+__all__ += ["Cooldown"]

@@ -1,0 +1,155 @@
+r"""
+Cooldown
+^^^^^^^^
+
+Branch a cooldown from a constant-LR (trunk) checkpoint: resume with a new ``max_steps`` and this callback, and the
+WSD scheduler cools down over the last part of the new run (Hägele et al., arXiv:2405.18392, Sec. 5).
+"""
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.types import LRSchedulerConfig
+from typing_extensions import override
+
+from lightning_epfl.functional.schedules import _SHAPES, CooldownShape, WSDScheduler, resolve_cooldown
+
+__all__ = ["Cooldown"]
+
+
+class Cooldown(Callback):
+    """Place a WSD cooldown at the end of the current run (``trainer.max_steps``), e.g. when branching from a trunk.
+
+    With ``N = trainer.max_steps``, the cooldown length is ``L = cooldown_steps`` or ``floor(cooldown_fraction * N)``
+    and it starts at ``S = cooldown_start`` or ``N - L`` (:func:`~lightning_epfl.functional.resolve_cooldown`). Every
+    :class:`~lightning_epfl.WSDScheduler` of the module gets :meth:`~lightning_epfl.WSDScheduler.set_cooldown`; if
+    the module has no scheduler, a constant ``WSDScheduler`` (peak = each group's LR) is installed per optimizer.
+    Resuming a trunk checkpoint at step ``S`` restores weights *and* optimizer state and then cools down, which
+    equals a run planned with that cooldown from the start (the paper's Sec. 5 branching).
+
+    Args:
+        cooldown_fraction: Cooldown length as a fraction of ``max_steps``, in ``(0, 1]``. Default 0.2.
+        cooldown_steps: Cooldown length in optimizer steps (overrides ``cooldown_fraction``).
+        cooldown_start: First cooldown step; default ``max_steps - L``.
+        shape: Cooldown shape (``1-sqrt`` default, ``linear``, ``cosine``, ``mirror_cosine``, ``1-square``).
+        final_lr_ratio: LR multiplier at the end of the cooldown, in ``[0, 1]``. Default 0.
+
+    Raises:
+        MisconfigurationException: At construction for a fraction outside ``(0, 1]``, a negative step count, an
+            unknown shape or a ratio outside ``[0, 1]``; at fit start for ``max_steps=-1``, a scheduler that is not a
+            ``WSDScheduler``, a ``WSDScheduler`` stepped per epoch, or a cooldown that starts before the resumed step.
+
+    Example::
+
+        # trunk: 4000 constant-LR steps; branch from its step-3200 checkpoint and cool down for 800 steps
+        trainer = Trainer(max_steps=4000, callbacks=[Cooldown(cooldown_fraction=0.2)])
+        trainer.fit(model, ckpt_path="trunk/step=3200.ckpt")
+    """
+
+    def __init__(
+        self,
+        cooldown_fraction: float = 0.2,
+        cooldown_steps: int | None = None,
+        cooldown_start: int | None = None,
+        shape: CooldownShape = "1-sqrt",
+        final_lr_ratio: float = 0.0,
+    ) -> None:
+        if not 0.0 < cooldown_fraction <= 1.0:
+            raise MisconfigurationException(f"`cooldown_fraction` must be in (0, 1], got {cooldown_fraction}.")
+        if cooldown_steps is not None and cooldown_steps < 0:
+            raise MisconfigurationException(f"`cooldown_steps` must be >= 0 or None, got {cooldown_steps}.")
+        if cooldown_start is not None and cooldown_start < 0:
+            raise MisconfigurationException(f"`cooldown_start` must be >= 0 or None, got {cooldown_start}.")
+        if shape not in _SHAPES:
+            raise MisconfigurationException(f"`shape` must be one of {list(_SHAPES)}, got {shape!r}.")
+        if not 0.0 <= final_lr_ratio <= 1.0:
+            raise MisconfigurationException(f"`final_lr_ratio` must be in [0, 1], got {final_lr_ratio}.")
+        self.cooldown_fraction = cooldown_fraction
+        self.cooldown_steps = cooldown_steps
+        self.cooldown_start = cooldown_start
+        self.shape: CooldownShape = shape
+        self.final_lr_ratio = final_lr_ratio
+        self.start: int | None = None
+        self.length: int | None = None
+        self._loaded: tuple[int, int] | None = None
+        self._installed: list[WSDScheduler] = []
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        total = trainer.max_steps
+        if total is None or total < 1:
+            raise MisconfigurationException(
+                f"Cooldown needs `Trainer(max_steps=...)` >= 1 to place the cooldown, got max_steps={total}."
+            )
+        try:
+            self.start, self.length = resolve_cooldown(
+                total,
+                cooldown_fraction=self.cooldown_fraction,
+                cooldown_steps=self.cooldown_steps,
+                cooldown_start=self.cooldown_start,
+            )
+        except ValueError as err:
+            raise MisconfigurationException(f"Cooldown with max_steps={total}: {err}") from err
+        configs = trainer.lr_scheduler_configs
+        for config in configs:
+            sched = config.scheduler
+            if not isinstance(sched, WSDScheduler):
+                raise MisconfigurationException(
+                    f"Cooldown works only with `lightning_epfl.WSDScheduler`, found {type(sched).__name__}. "
+                    "Remove that scheduler (Cooldown then installs a constant WSDScheduler) or use WSDScheduler."
+                )
+            if config.interval != "step":
+                raise MisconfigurationException(
+                    f"Cooldown needs the WSDScheduler stepped per optimizer step (interval='step'), got "
+                    f"interval={config.interval!r}."
+                )
+        self._installed = []
+        if not configs:
+            for opt in trainer.optimizers:
+                sched = WSDScheduler(opt)
+                self._installed.append(sched)
+                trainer.strategy.lr_scheduler_configs.append(LRSchedulerConfig(scheduler=sched, interval="step"))
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        assert self.start is not None and self.length is not None
+        step = trainer.global_step
+        same = self._loaded == (self.start, self.length)
+        if self.start < step and not same:
+            raise MisconfigurationException(
+                f"Cooldown start {self.start} (max_steps={trainer.max_steps}, length {self.length}) is before the "
+                f"resumed step {step}: resume from an earlier checkpoint or lower `cooldown_fraction`/`cooldown_steps`."
+            )
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            assert isinstance(sched, WSDScheduler)
+            if any(sched is s for s in self._installed):
+                sched.last_epoch = step
+                sched._step_count = step + 1
+            elif sched.last_epoch != step:
+                raise MisconfigurationException(
+                    f"WSDScheduler is at step {sched.last_epoch} but the trainer at global_step {step}; Cooldown "
+                    "needs the scheduler stepped once per optimizer step from the start of training."
+                )
+            try:
+                sched.set_cooldown(
+                    start=self.start, steps=self.length, shape=self.shape, final_lr_ratio=self.final_lr_ratio
+                )
+            except ValueError as err:
+                raise MisconfigurationException(f"Cooldown: {err}") from err
+        rank_zero_info(
+            f"Cooldown: {self.shape} from step {self.start} for {self.length} steps to "
+            f"{self.final_lr_ratio} x peak (max_steps={trainer.max_steps}, resumed at step {step})."
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self.start, "length": self.length}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        start, length = state_dict.get("start"), state_dict.get("length")
+        self._loaded = None if start is None or length is None else (int(start), int(length))
