@@ -4,7 +4,8 @@
 Pure-tensor pieces of CoBo, collaborative learning via bilevel optimization (Hashemi, He, Jaggi, NeurIPS 2024,
 arXiv:2409.05539, Algorithm 1): the pair-sampling schedule, the projected-gradient update of the collaboration
 weights ``W``, the consensus (X) step, the stability check of the consensus map, the Euclidean projection onto the
-simplex, and cluster read-out from ``W``. No Lightning import.
+simplex. Cluster read-out and recovery metrics live in :mod:`lightning_epfl.functional.collab_metrics`.
+No Lightning import.
 """
 
 from __future__ import annotations
@@ -154,65 +155,3 @@ def stability_product(lr: float, rho: float, W: Tensor) -> float:
     else:
         lam = float(2 * torch.diagonal(L).max())
     return lr * rho * lam
-
-
-def components_from_W(W: Tensor, threshold: float = 0.5) -> Tensor:
-    """Connected components of the graph ``W_ij > threshold`` (symmetrized, diagonal ignored): labels ``[n]``.
-
-    Labels are numbered by the smallest member, so they are canonical.
-    """
-    n = W.shape[0]
-    A = (W > threshold) | (W.T > threshold)
-    labels = torch.full((n,), -1, dtype=torch.long)
-    current = 0
-    for s in range(n):
-        if labels[s] >= 0:
-            continue
-        stack = [s]
-        labels[s] = current
-        while stack:
-            u = stack.pop()
-            for v in torch.nonzero(A[u]).flatten().tolist():
-                if labels[v] < 0:
-                    labels[v] = current
-                    stack.append(v)
-        current += 1
-    return labels
-
-
-def spectral_clusters(W: Tensor, k: int, seed: int = 0) -> Tensor:
-    """scikit-learn ``SpectralClustering(k, affinity="precomputed")`` on ``W`` with the diagonal set to 1."""
-    from sklearn.cluster import SpectralClustering
-
-    A = W.detach().to(torch.float64).clone().clamp_min(0)
-    A = 0.5 * (A + A.T)
-    A.fill_diagonal_(1.0)
-    labels = SpectralClustering(k, affinity="precomputed", random_state=seed).fit_predict(A.cpu().numpy())
-    return torch.as_tensor(labels, dtype=torch.long)
-
-
-def recovery_metrics(W: Tensor, clusters: Tensor, threshold: float = 0.5) -> dict[str, float]:
-    """Cluster recovery of a collaboration matrix against ground truth (``collab/*`` keys).
-
-    ``w_within``/``w_between``: off-diagonal means inside/across true clusters; ``pair_accuracy``: fraction of pairs
-    ``i < j`` where ``W_ij > threshold`` equals same-cluster; ``ari_components``: adjusted Rand index (scikit-learn)
-    of the components of ``W > threshold``; ``ari_spectral``: ARI of spectral clustering with the true ``k``.
-    """
-    from sklearn.metrics import adjusted_rand_score
-
-    W = W.detach().cpu().to(torch.float64)
-    c = torch.as_tensor(clusters).cpu()
-    n = W.shape[0]
-    same = c[:, None] == c[None, :]
-    off = ~torch.eye(n, dtype=torch.bool)
-    iu = torch.triu_indices(n, n, 1)
-    out = {
-        "collab/w_within": float(W[same & off].mean()) if (same & off).any() else float("nan"),
-        "collab/w_between": float(W[~same].mean()) if (~same).any() else float("nan"),
-        "collab/pair_accuracy": float(((W > threshold) == same)[iu[0], iu[1]].double().mean()),
-        "collab/ari_components": float(adjusted_rand_score(c.numpy(), components_from_W(W, threshold).numpy())),
-    }
-    k = int(c.unique().numel())
-    if 1 < k < n:
-        out["collab/ari_spectral"] = float(adjusted_rand_score(c.numpy(), spectral_clusters(W, k).numpy()))
-    return out

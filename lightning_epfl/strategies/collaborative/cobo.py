@@ -27,13 +27,12 @@ from torch import Tensor
 
 from lightning_epfl.functional.cobo import (
     cobo_w_update,
-    components_from_W,
     consensus_step,
     pair_probability,
     sample_pairs,
-    spectral_clusters,
     stability_product,
 )
+from lightning_epfl.functional.collab_metrics import cluster_assignments
 from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext, derive_seed
 from lightning_epfl.strategies.collaborative.baselines import IFCA, Ditto, FedAvg, FedAvgFineTune, Local, Oracle
 from lightning_epfl.strategies.collaborative.strategy import CollaborativeStrategy
@@ -353,19 +352,16 @@ class CoBoStrategy(CollaborativeStrategy):
     ) -> Tensor:
         """Cluster labels ``[n]`` read from ``W``: components of ``W > threshold``, or spectral clustering into ``k``.
 
+        Delegates to :func:`lightning_epfl.functional.collab_metrics.cluster_assignments` (``k=None`` with
+        ``"spectral"`` uses the number of components).
+
         Raises:
-            ValueError: If no matrix exists yet, ``method`` is unknown, or ``k`` is missing for ``"spectral"``.
+            ValueError: If no matrix exists yet or ``method`` is unknown.
         """
         W = self.W
         if W is None:
             raise ValueError("no collaboration matrix yet (call after setup).")
-        if method == "components":
-            return components_from_W(W.cpu(), threshold)
-        if method == "spectral":
-            if k is None:
-                raise ValueError("`k` is required for `method='spectral'`.")
-            return spectral_clusters(W.cpu(), k, seed=self.seed)
-        raise ValueError(f"`method` must be 'components' or 'spectral', got {method!r}.")
+        return cluster_assignments(W.cpu(), k=k, method=method, threshold=threshold, seed=self.seed)
 
     def pair_probability(self, step: int) -> float:
         """``p_t`` of the CoBo schedule at ``step``."""

@@ -387,14 +387,15 @@ class CollaborativeStrategy(DDPStrategy):
 
     def collaboration_metrics(self) -> dict[str, float]:
         """``collab/*`` metrics: consensus distance and, with a matrix and true clusters, recovery (collective)."""
+        from lightning_epfl.functional.collab_metrics import consensus_distance, recovery_metrics
+
         X_all = self.comm.all_gather(self.stack.X[:, : self.stack.d_comm].detach())
-        out = {"collab/consensus_distance": float(((X_all - X_all.mean(0)) ** 2).sum(1).mean())}
+        out = {"collab/consensus_distance": float(consensus_distance(X_all))}
         W = self.algorithm.collaboration_matrix()
         truth = getattr(self.ctx.datamodule, "true_clusters", None) if self.ctx is not None else None
         if W is not None and truth is not None:
-            from lightning_epfl.functional.cobo import recovery_metrics
-
-            out.update(recovery_metrics(W, torch.as_tensor(truth)))
+            rec = recovery_metrics(W.cpu(), torch.as_tensor(truth).cpu(), seed=self.seed)
+            out.update({f"collab/{k}": v for k, v in rec.items()})
         return out
 
     # ------------------------------------------------------------------------------------------------ models
