@@ -9,3 +9,7 @@ __all__ += ["FeatureRankMonitor"]
 from lightning_epfl.callbacks.cooldown import Cooldown  # noqa: E402
 
 __all__ += ["Cooldown"]
+
+from lightning_epfl.callbacks.windowed_swa import WindowedSWA  # noqa: E402
+
+__all__ += ["WindowedSWA"]
