@@ -163,3 +163,17 @@ def test_cooldown_start_before_resumed_step(tmp_path):
     trainer = _trainer(tmp_path / "branch", 45, [Cooldown(cooldown_fraction=0.2)])
     with pytest.raises(MisconfigurationException, match="resumed step 40"):
         trainer.fit(_Model(), ckpt_path=ckpt)
+
+
+def test_cooldown_fast_dev_run_skips_placement(tmp_path):
+    """Under fast_dev_run the cooldown is not placed (no warmup-overlap error); bad schedulers still raise."""
+    rec = _LRRecorder()
+    cooldown = Cooldown()
+    trainer = Trainer(
+        default_root_dir=tmp_path, fast_dev_run=True, callbacks=[rec, cooldown], enable_progress_bar=False
+    )
+    trainer.fit(_Model({"warmup_steps": 30}))
+    assert cooldown.start is None and rec.lrs == [0.0]  # step 0 of a 30-step warmup from 0
+    trainer = Trainer(default_root_dir=tmp_path, fast_dev_run=True, callbacks=[Cooldown()], enable_progress_bar=False)
+    with pytest.raises(MisconfigurationException, match="StepLR"):
+        trainer.fit(_Model({}, kind="steplr"))

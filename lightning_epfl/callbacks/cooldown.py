@@ -80,19 +80,22 @@ class Cooldown(Callback):
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         total = trainer.max_steps
-        if total is None or total < 1:
-            raise MisconfigurationException(
-                f"Cooldown needs `Trainer(max_steps=...)` >= 1 to place the cooldown, got max_steps={total}."
-            )
-        try:
-            self.start, self.length = resolve_cooldown(
-                total,
-                cooldown_fraction=self.cooldown_fraction,
-                cooldown_steps=self.cooldown_steps,
-                cooldown_start=self.cooldown_start,
-            )
-        except ValueError as err:
-            raise MisconfigurationException(f"Cooldown with max_steps={total}: {err}") from err
+        # fast_dev_run caps max_steps at a few batches: a cooldown over them is meaningless (it would overlap the
+        # warmup), so only the scheduler checks below run and the cooldown is not placed.
+        if not trainer.fast_dev_run:
+            if total is None or total < 1:
+                raise MisconfigurationException(
+                    f"Cooldown needs `Trainer(max_steps=...)` >= 1 to place the cooldown, got max_steps={total}."
+                )
+            try:
+                self.start, self.length = resolve_cooldown(
+                    total,
+                    cooldown_fraction=self.cooldown_fraction,
+                    cooldown_steps=self.cooldown_steps,
+                    cooldown_start=self.cooldown_start,
+                )
+            except ValueError as err:
+                raise MisconfigurationException(f"Cooldown with max_steps={total}: {err}") from err
         configs = trainer.lr_scheduler_configs
         for config in configs:
             sched = config.scheduler
@@ -115,6 +118,9 @@ class Cooldown(Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.fast_dev_run:
+            rank_zero_info("Cooldown: fast_dev_run, the cooldown is not placed.")
+            return
         assert self.start is not None and self.length is not None
         step = trainer.global_step
         same = self._loaded == (self.start, self.length)
