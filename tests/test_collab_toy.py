@@ -12,7 +12,7 @@ class _Stream(IterableDataset):
         self.dm, self.ids = dm, ids
 
     def __iter__(self):
-        k = 0
+        k = self.dm.start
         while True:
             yield self.dm.train_batch(self.ids, k)
             k += 1
@@ -44,7 +44,8 @@ class ToyFederatedData(LightningDataModule):
             self.x.append(x.to(dtype))
             self.y.append(perms[int(self.true_clusters[i])][(x @ teacher).argmax(1)])
         self.client_sizes = [len(x) for x in self.x]
-        self._extra = {}
+        self._extra: dict[int, tuple[int, int]] = {}
+        self.start = 0
 
     def _ids(self) -> tuple[int, ...]:
         strategy = getattr(self.trainer, "strategy", None) if self.trainer is not None else None
@@ -66,10 +67,20 @@ class ToyFederatedData(LightningDataModule):
     def extra_batch(self, client_id: int, size: int, stream: str):
         if size == -1:
             return self.x[client_id], self.y[client_id]
-        key = (client_id, stream)
-        g = self._extra.setdefault(key, torch.Generator().manual_seed(7919 * client_id + 13 + self.seed))
+        # keyed by (client, step, call within the step): identical in every process layout and after a resume
+        step = self.trainer.global_step if self.trainer is not None else 0
+        last_step, calls = self._extra.get(client_id, (-1, 0))
+        calls = calls + 1 if last_step == step else 0
+        self._extra[client_id] = (step, calls)
+        g = torch.Generator().manual_seed(7919 * client_id + 104729 * step + 31 * calls + self.seed)
         idx = torch.randint(len(self.x[client_id]), (size,), generator=g)
         return self.x[client_id][idx], self.y[client_id][idx]
+
+    def state_dict(self):
+        return {"start": self.trainer.global_step if self.trainer is not None else 0}
+
+    def load_state_dict(self, state):
+        self.start = state["start"]
 
     def train_dataloader(self):
         return DataLoader(_Stream(self, self._ids()), batch_size=None)

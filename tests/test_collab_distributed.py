@@ -1,0 +1,106 @@
+"""Simulated (one process) vs multi-process (2 CPU processes, gloo) collaborative runs give the same parameters."""
+
+from __future__ import annotations
+
+import os
+import socket
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_collab_toy import ToyFederatedData
+
+from lightning_epfl.modules.client import MLPClassifier
+from lightning_epfl.strategies.collaborative import CoBoStrategy, TorchDistributedCommunicator
+
+BASELINES = ("local", "fedavg", "none")  # "none" = CoBo
+STEPS = 5
+TOL = 1e-10  # float64; only the order of floating-point sums differs between layouts
+
+
+def _strategy(baseline: str) -> CoBoStrategy:
+    # pair batches of 4 random examples exercise the per-client extra-batch streams in both layouts
+    return CoBoStrategy(
+        rho=0.3, gamma=0.5, w_init=0.5, pair_batch_size=4, pair_warmup_steps=2, baseline=baseline, seed=3
+    )
+
+
+def _fit(root, baseline: str, devices: int, steps: int = STEPS, ckpt_path=None) -> L.Trainer:
+    torch.manual_seed(0)
+    model = MLPClassifier(5, [6], 3, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
+    trainer = L.Trainer(
+        default_root_dir=root,
+        max_steps=steps,
+        strategy=_strategy(baseline),
+        accelerator="cpu",
+        devices=devices,
+        precision="64-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, ToyFederatedData(n_clients=4, batch_size=3, dtype=torch.float64), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(world)
+    )
+    torch.set_num_threads(1)
+    results = {}
+    for baseline in BASELINES:
+        trainer = _fit(out, baseline, devices=world)
+        st = trainer.strategy
+        results[baseline] = {"X": st.comm.all_gather(st.stack.X.detach()), "W": st.W, "ids": st.local_client_ids}
+        if baseline == "none":
+            trainer.save_checkpoint(os.path.join(out, "p2.ckpt"))
+    try:
+        TorchDistributedCommunicator(3)
+    except ValueError as err:
+        results["divisibility_error"] = str(err)
+    if rank == 0:
+        torch.save(results, os.path.join(out, "p2.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("p2"))
+    # fork: the children inherit the imported modules (spawn would re-import torch and Lightning in each)
+    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True, start_method="fork")
+    return out, torch.load(os.path.join(out, "p2.pt"), weights_only=False)
+
+
+@pytest.mark.parametrize("baseline", BASELINES)
+def test_simulated_equals_two_processes(tmp_path, two_process_results, baseline):
+    """Local, FedAvg and CoBo: P=1 (vmap) and P=2 (gloo) give the same parameters and W after 5 steps (1e-10)."""
+    _, results = two_process_results
+    trainer = _fit(tmp_path, baseline, devices=1)
+    torch.testing.assert_close(trainer.strategy.stack.X, results[baseline]["X"], atol=TOL, rtol=0)
+    if baseline == "none":
+        torch.testing.assert_close(trainer.strategy.W, results[baseline]["W"], atol=TOL, rtol=0)
+        assert (trainer.strategy.W - 0.5 * (1 - torch.eye(4, dtype=torch.float64))).abs().max() > 1e-3
+    assert results[baseline]["ids"] == (0, 1)
+    assert "world size 2" in results["divisibility_error"]
+
+
+def test_two_process_checkpoint_resumes_in_one_process(tmp_path, two_process_results):
+    """A CoBo checkpoint written by 2 processes resumes under P=1 and equals an uninterrupted P=1 run (1e-10)."""
+    out, _ = two_process_results
+    resumed = _fit(tmp_path / "a", "none", devices=1, steps=STEPS + 3, ckpt_path=os.path.join(out, "p2.ckpt"))
+    straight = _fit(tmp_path / "b", "none", devices=1, steps=STEPS + 3)
+    torch.testing.assert_close(resumed.strategy.stack.X, straight.strategy.stack.X, atol=TOL, rtol=0)
+    torch.testing.assert_close(resumed.strategy.W, straight.strategy.W, atol=TOL, rtol=0)
