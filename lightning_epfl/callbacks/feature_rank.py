@@ -529,14 +529,14 @@ class FeatureRankMonitor(Callback):
                 pts = [(r["step"], r["overlay"][key]) for r in self.history if key in r["overlay"]]
                 if pts:
                     ax.plot(*zip(*pts), marker=".", label=key)
-            ax.set_ylabel("overlay")
+            ax.set_ylabel("logged metrics")
             ax.grid(alpha=0.3)
             ax.legend(loc="best", fontsize=8)
         cmap = plt.get_cmap("viridis")
         for ax, metric in zip(axes[int(has_overlay) :], panels):
             series = self.series(metric)
             for i, (layer, (steps, vals)) in enumerate(series.items()):
-                ax.plot(steps, vals, marker=".", color=cmap(i / max(len(series) - 1, 1)), label=layer)
+                ax.plot(steps, vals, marker=".", color=cmap(0.85 * i / max(len(series) - 1, 1)), label=layer)
             ax.set_ylabel(metric.replace("_", " "))
             ax.grid(alpha=0.3)
             ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
