@@ -16,6 +16,7 @@ Connected components come from ``scipy.sparse.csgraph``; spectral clustering and
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -176,7 +177,9 @@ def cluster_assignments(
     affinity = ((w + w.T) / 2).clamp_min(0.0)
     affinity.fill_diagonal_(1.0)
     model = SpectralClustering(n_clusters=k, affinity="precomputed", random_state=seed, assign_labels="kmeans")
-    labels = model.fit_predict(affinity.numpy())
+    with warnings.catch_warnings():  # block-diagonal W (perfectly separated clusters) is a disconnected graph
+        warnings.filterwarnings("ignore", message="Graph is not fully connected", category=UserWarning)
+        labels = model.fit_predict(affinity.numpy())
     return _relabel_first_appearance(labels)
 
 
