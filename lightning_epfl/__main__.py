@@ -1,6 +1,6 @@
 """``python -m lightning_epfl`` runs the package CLI."""
 
-from lightning_epfl.cli import cli_main
+from lightning_epfl.cli import main
 
 if __name__ == "__main__":
-    cli_main()
+    main()

@@ -61,5 +61,10 @@ def cli_main(args: ArgsType = None, run: bool = True) -> EPFLCLI:
     )
 
 
-if __name__ == "__main__":  # pragma: no cover
+def main() -> None:
+    """Console-script entry point (``lightning-epfl``): run the CLI on ``sys.argv``."""
     cli_main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
