@@ -47,5 +47,66 @@ def test_cli_python_dash_m_entry_point():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "lightning_epfl", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_epfl", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "fit" in out.stdout
+
+
+def _tiny_main_job(tmp_path, max_steps):
+    """The main example YAML, shrunk to seconds (same components, tiny model and windows)."""
+    cfg = yaml.safe_load(open(next(p for p in EXAMPLES if p.endswith("lm_wsd_swa.yaml"))))
+    tr = cfg["trainer"]
+    tr.update(
+        max_steps=max_steps,
+        val_check_interval=4,
+        limit_val_batches=2,
+        log_every_n_steps=1,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    tr["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    for cb in tr["callbacks"]:
+        args = cb.get("init_args", {})
+        if cb["class_path"].endswith("WindowedSWA"):
+            args.update(window_steps=4, every_n_steps=2, save_dir=str(tmp_path / "swa"))
+        if cb["class_path"].endswith("ModelCheckpoint"):
+            args.update(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4)
+    cfg["model"]["init_args"]["config"] = {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    cfg["model"]["init_args"]["lr_scheduler"]["init_args"]["warmup_steps"] = 2
+    cfg["data"]["init_args"].update(block_size=32, batch_size=4)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_cli_main_job_logs_swa_and_branches_cooldown(tmp_path):
+    """The main job trains, logs val/loss and val/loss_swa, and a branch from a stable checkpoint follows the new
+    schedule (LR = peak before the new cooldown start, WSD closed form after)."""
+    import csv
+
+    from lightning_epfl.functional.schedules import wsd_lr_factor
+
+    job = _tiny_main_job(tmp_path, 12)
+    cli = cli_main(["fit", "--config", job])
+    metrics = cli.trainer.callback_metrics
+    assert {"val/loss", "val/ppl", "val/loss_swa"} <= set(metrics)
+    assert cli.model.model.config.vocab_size == 256
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step=12.ckpt", "step=4.ckpt", "step=8.ckpt"]
+    branch = cli_main(
+        ["fit", "--config", job, "--trainer.max_steps", "20", "--ckpt_path", str(tmp_path / "ckpt" / "step=8.ckpt")]
+    )
+    assert branch.trainer.global_step == 20
+    rows = list(csv.DictReader(open(os.path.join(branch.trainer.logger.log_dir, "metrics.csv"))))
+    lrs = {int(r["step"]): float(r["lr-AdamW"]) for r in rows if r.get("lr-AdamW")}
+    peak = 2e-3
+    for step, lr in lrs.items():  # new run: N = 20, cooldown 20% -> S = 16, L = 4
+        expected = peak * wsd_lr_factor(step, warmup_steps=2, cooldown_start=16, cooldown_steps=4)
+        assert abs(lr - expected) < 1e-9, (step, lr, expected)
+    assert min(lrs) == 8 and max(lrs) >= 18

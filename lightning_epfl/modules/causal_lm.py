@@ -97,6 +97,8 @@ class CausalLMModule(LightningModule):
         from transformers import AutoConfig
 
         values = {**DEFAULT_LLAMA_CONFIG, **self.config}
+        if "num_attention_heads" in self.config and "num_key_value_heads" not in self.config:
+            values["num_key_value_heads"] = values["num_attention_heads"]  # plain multi-head attention by default
         if "vocab_size" not in self.config:
             if vocab_size is None:
                 raise MisconfigurationException(
