@@ -299,3 +299,25 @@ def test_federated_bad_input_setup(kwargs, match):
     """Inconsistent partitions are refused at setup with a message naming the argument."""
     with pytest.raises(MisconfigurationException, match=match):
         FederatedDataModule(**kwargs).setup()
+
+
+def test_federated_datamodule_lightning_cli(tmp_path):
+    """LightningCLI builds the datamodule from typed command-line arguments (subclass mode)."""
+    from lightning_epfl.cli import cli_main
+
+    cli = cli_main(
+        [
+            "--model=lightning.pytorch.demos.boring_classes.BoringModel",
+            "--data=lightning_epfl.datamodules.FederatedDataModule",
+            "--data.n_clients=12",
+            "--data.partition=label_skew_clusters",
+            "--data.n_clusters=3",
+            "--data.sampling=poisson",
+            f"--trainer.default_root_dir={tmp_path}",
+        ],
+        run=False,
+    )
+    dm = cli.datamodule
+    assert isinstance(dm, FederatedDataModule)
+    assert (dm.n_clients, dm.partition_name, dm.n_clusters, dm.sampling) == (12, "label_skew_clusters", 3, "poisson")
+    assert torch.bincount(dm.true_clusters).tolist() == [4, 4, 4]

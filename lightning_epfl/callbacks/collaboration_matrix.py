@@ -94,7 +94,14 @@ def plot_collaboration_matrix(
         for b in np.flatnonzero(np.diff(sorted_c)) + 0.5:
             ax.axhline(b, color="white", linewidth=0.8)
             ax.axvline(b, color="white", linewidth=0.8)
-    ax.set_xlabel("client (by true cluster)" if clusters is not None and order_by_cluster else "client")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if clusters is not None and order_by_cluster:  # tick labels are positions; the order is printed in the title
+        ax.set_xlabel("client position, sorted by true cluster")
+    else:
+        ax.set_xlabel("client")
     ax.set_ylabel("client")
     if title:
         ax.set_title(title)

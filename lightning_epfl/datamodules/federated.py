@@ -241,7 +241,9 @@ class FederatedDataModule(LightningDataModule):
         sampling: ``"shuffle"`` (per-client passes over a fresh permutation), ``"replacement"`` (uniform with
             replacement) or ``"poisson"`` (each item with probability ``batch_size / n_i``, padded with a mask;
             needed for DP amplification by sampling).
-        steps_per_epoch: Training batches per epoch; default ``ceil(mean client size / batch_size)``.
+        steps_per_epoch: Training batches per epoch; default ``ceil(mean client size / batch_size)`` (5 for 16
+            digits clients at batch 16). Epochs are short, so a step-based ``Trainer(val_check_interval=N)`` with
+            ``N`` above an epoch needs ``check_val_every_n_epoch=None``.
         seed: Seed of the split, the partition and all sampling.
 
     Attributes:
