@@ -10,6 +10,7 @@ runs simulated in one process and over ``torch.distributed``.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,13 +90,20 @@ class StepContext:
     def extra_batches(self, client_ids: list[int], size: int, stream: str) -> Any:
         """Stack ``datamodule.extra_batch(i, size, stream)`` for ``client_ids`` (padded with a mask if needed).
 
+        When ``extra_batch`` accepts a ``step`` keyword (``FederatedDataModule`` does), the current step is passed,
+        which makes the draw a pure function of ``(client, stream, step)``: identical in every process layout and
+        after a resume.
+
         Raises:
             ValueError: If the datamodule has no ``extra_batch`` method.
         """
         fn = getattr(self.datamodule, "extra_batch", None)
         if fn is None:
             raise ValueError("this algorithm needs a datamodule with `extra_batch(client_id, size, stream)`.")
-        batches = [fn(i, size, stream) for i in client_ids]
+        if "step" in inspect.signature(fn).parameters:
+            batches = [fn(i, size, stream, step=self.step) for i in client_ids]
+        else:
+            batches = [fn(i, size, stream) for i in client_ids]
         device = self.X.device
         return tuple(t.to(device) for t in stack_client_batches(batches))
 

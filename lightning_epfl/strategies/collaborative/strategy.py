@@ -165,6 +165,15 @@ class CollaborativeStrategy(DDPStrategy):
 
     # ------------------------------------------------------------------------------------------------ setup
     @override
+    def _configure_launcher(self) -> None:
+        if self.num_nodes * self.num_processes == 1:
+            # simulated mode: run in this process, and keep the user's torch thread count (Lightning's launchers
+            # would set it to cpu_count / processes and export OMP_NUM_THREADS)
+            self._launcher = None
+            return
+        super()._configure_launcher()
+
+    @override
     def setup_distributed(self) -> None:
         if self.num_nodes * self.num_processes == 1:
             self.set_world_ranks()  # simulated mode: no process group needed
