@@ -321,3 +321,20 @@ def test_federated_datamodule_lightning_cli(tmp_path):
     assert isinstance(dm, FederatedDataModule)
     assert (dm.n_clients, dm.partition_name, dm.n_clusters, dm.sampling) == (12, "label_skew_clusters", 3, "poisson")
     assert torch.bincount(dm.true_clusters).tolist() == [4, 4, 4]
+
+
+def test_federated_loaders_follow_strategy_local_client_ids():
+    """Under a strategy with local_client_ids, loaders stack exactly those clients' rows; bad ids are refused."""
+    from types import SimpleNamespace
+
+    dm = _dm(partition="label_skew_clusters", n_clusters=3)
+    full_train, full_val = dm.train_batch(0), next(iter(dm.val_dataloader()))
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(local_client_ids=(4, 5)))
+    train = next(iter(dm.train_dataloader()))
+    assert all(torch.equal(t, f[[4, 5]]) for t, f in zip(train, full_train))
+    val = next(iter(dm.val_dataloader()))
+    n4, n5 = int(full_val[2][4].sum()), int(full_val[2][5].sum())
+    assert torch.equal(val[1][0][:n4], full_val[1][4][:n4]) and torch.equal(val[1][1][:n5], full_val[1][5][:n5])
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(local_client_ids=(7, 8)))
+    with pytest.raises(MisconfigurationException, match="do not fit the datamodule's `n_clients`=8"):
+        dm.train_dataloader()
