@@ -12,3 +12,7 @@ from lightning_epfl.modules.meta_learning import MLP, MetaLearningModule  # noqa
 from lightning_epfl.modules.meta_optim import MetaOptimizer  # noqa: E402
 
 __all__ += ["MLP", "MetaLearningModule", "MetaOptimizer"]
+
+from lightning_epfl.modules.client import ClientModule, MLPClassifier  # noqa: E402
+
+__all__ += ["ClientModule", "MLPClassifier"]
