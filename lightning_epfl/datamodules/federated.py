@@ -23,9 +23,12 @@ by ``test_fraction``): label-permutation clusters see the whole held-out set rel
 label-skew clusters only their own classes (relabelled); other partitions the whole held-out set. The CoBo
 protocol (arXiv:2409.05539) has no model selection, so no separate validation split is carved out.
 
-Deviations from the spec signature: none. Additions: ``extra_batch(..., step=None)`` (a keyword that makes the
-draw a pure function of the step); properties ``num_features``, ``num_classes``, ``client_partition`` and
-``steps_per_epoch``; ``train_batch(k, client_ids)``; ``client_ids`` arguments on the loaders.
+Deviations from the spec: the signature is the spec's. The checkpoint state holds the training position and the
+extra-batch call counters instead of generator states (sampling is counter-based, so position + seed determine
+every later batch). Additions: ``extra_batch(..., step=None)`` (a keyword that makes the draw a pure function of
+the step); properties ``num_features``, ``num_classes``, ``client_partition`` and ``steps_per_epoch``;
+``train_batch(k, client_ids)``, ``train_indices``, ``client_data``, ``client_indices``; ``client_ids`` arguments on
+the loaders. ``val_dataloader`` and ``test_dataloader`` serve the same held-out split (see above).
 """
 
 from __future__ import annotations
