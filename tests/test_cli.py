@@ -42,15 +42,21 @@ def test_cli_top_level_scheduler_steps_per_optimizer_step():
     assert EPFLCLI.configure_optimizers(None, opt, None) is opt
 
 
-def test_cli_python_dash_m_entry_point():
-    """`python -m lightning_epfl --help` works (the console script's twin)."""
-    import subprocess
-    import sys
+def test_cli_python_dash_m_entry_point(capsys):
+    """`python -m lightning_epfl` and the console script share one entry point, which offers the subcommands."""
+    import runpy
 
-    out = subprocess.run(
-        [sys.executable, "-m", "lightning_epfl", "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0 and "fit" in out.stdout
+    with pytest.raises(SystemExit) as exc:
+        import sys
+
+        argv, sys.argv = sys.argv, ["lightning-epfl", "--help"]
+        try:
+            runpy.run_module("lightning_epfl", run_name="__main__")
+        finally:
+            sys.argv = argv
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(cmd in out for cmd in ("fit", "validate", "test", "predict"))
 
 
 def _tiny_main_job(tmp_path, max_steps):
