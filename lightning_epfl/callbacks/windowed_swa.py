@@ -259,9 +259,12 @@ class WindowedSWA(Callback):
             averaged = torch.is_floating_point(tensor) and (isinstance(tensor, torch.nn.Parameter) or self.use_buffers)
             (self._avg_keys if averaged else self._other_keys).append(key)
             (self._refs if averaged else self._other_refs).append(tensor)
+        previous = self._mean  # a partial window from an earlier fit() call with this callback
         self._mean = [torch.zeros(r.shape, dtype=dtype, device=self._acc_device) for r in self._refs]
         if self._restored_mean is not None and self._count > 0:
             torch._foreach_copy_(self._mean, [self._restored_mean[k] for k in self._avg_keys])
+        elif previous is not None and self._count > 0 and len(previous) == len(self._mean):
+            torch._foreach_copy_(self._mean, previous)
         self._restored_mean = None
         self._others = {k: v.to(self._acc_device) for k, v in self._others.items()}
         for window in self._closed:
