@@ -106,8 +106,7 @@ def summarize(result: dict) -> dict:
         prev = [b for t, b in val if s - 1000 <= t < s]
         if prev and a - prev[0] > best:
             best, jump = a - prev[0], s
-    hidden = [name for name in result["effective_rank"] if name != f"linears.{result['depth'] - 1}"]
-    last_hidden = hidden[-1]
+    last_hidden = f"linears.{result['depth'] - 2}"  # the output layer is linears.{depth - 1}
     steps, eff = result["effective_rank"][last_hidden]
     peak_i = max(range(len(eff)), key=eff.__getitem__)
     return {

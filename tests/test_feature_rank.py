@@ -263,3 +263,27 @@ def test_feature_rank_plot_and_state_key(tmp_path):
     assert [h["step"] for h in monitor.history] == [0, 5, 10]
     assert "train/acc" in monitor.history[-1]["overlay"]
     assert monitor._probe_indices is None  # user probe, not dataset indices
+
+
+class _DDPCheckMonitor(FeatureRankMonitor):
+    """Asserts, inside each DDP worker, that only global rank 0 measured and that no hook is left behind."""
+
+    def teardown(self, trainer, pl_module, stage):
+        super().teardown(trainer, pl_module, stage)
+        assert self.last_step == 10
+        if trainer.global_rank == 0:
+            assert [h["step"] for h in self.history] == [0, 5, 10]
+        else:
+            assert self.history == []
+        assert sum(len(m._forward_hooks) for m in pl_module.modules()) == 0
+
+
+@pytest.mark.slow
+def test_feature_rank_ddp_two_processes(tmp_path):
+    """Slow: 2-process CPU DDP (gloo, spawn): rank 0 probes the bare module and logs; rank 1 only tracks the step."""
+    train, val = _loaders()
+    monitor = _DDPCheckMonitor(num_samples=100, every_n_steps=5, plot=False)
+    trainer = _trainer(
+        tmp_path, max_steps=10, logger=False, callbacks=[monitor], accelerator="cpu", devices=2, strategy="ddp_spawn"
+    )
+    trainer.fit(DeepMLPClassifier(depth=3, width=8), train, val)
