@@ -327,6 +327,12 @@ def test_bad_trainer_settings_are_refused(tmp_path):
     lbfgs = MLPClassifier(5, [6], 3, optimizer=partial(torch.optim.LBFGS, lr=0.1))
     with pytest.raises(ValueError, match="LBFGS is not element-wise"):
         _trainer(tmp_path, CollaborativeStrategy(), 1, double=False).fit(lbfgs, dm)
+    dm_workers = ToyFederatedData(n_clients=4)
+    dm_workers.train_dataloader = lambda: torch.utils.data.DataLoader(
+        [dm_workers.train_batch(tuple(range(4)), 0)] * 2, batch_size=None, num_workers=1
+    )
+    with pytest.raises(MisconfigurationException, match="`num_workers`=1"):
+        _trainer(tmp_path, CollaborativeStrategy(), 1, double=False).fit(_model(), dm_workers)
     with pytest.raises(ValueError, match="Oracle needs `datamodule.true_clusters`"):
         dm2 = ToyFederatedData(n_clients=4)
         dm2.true_clusters = None

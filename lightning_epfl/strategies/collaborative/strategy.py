@@ -218,9 +218,6 @@ class CollaborativeStrategy(DDPStrategy):
                     f"`{name}` is a BatchNorm with running statistics, which CollaborativeStrategy does not stack; "
                     "use GroupNorm/LayerNorm or `track_running_stats=False`."
                 )
-        for attr in ("train_dataloader", "val_dataloader"):
-            loader = getattr(getattr(trainer, "datamodule", None), attr, None)
-            del loader  # loaders are created later; num_workers is checked when they exist
         if getattr(lm, "example_input_array", None) is not None:
             rank_zero_warn(
                 "Clearing `example_input_array`: a forward on stacked weights is not a client forward.",
@@ -307,6 +304,18 @@ class CollaborativeStrategy(DDPStrategy):
             trainer.callbacks.append(_ClientEvaluationLogger(self))
 
     # ------------------------------------------------------------------------------------------------ training
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        loader = self.lightning_module.trainer.train_dataloader
+        loaders = loader if isinstance(loader, (list, tuple)) else [loader]
+        for dl in loaders:
+            if getattr(dl, "num_workers", 0) > 0:
+                raise MisconfigurationException(
+                    f"the training DataLoader has `num_workers`={dl.num_workers}; CollaborativeStrategy needs "
+                    "`num_workers=0` (per-client streams are stateful and stacked in the main process)."
+                )
+
     def _refresh_ctx(self) -> _alg.StepContext:
         ctx = self.ctx
         assert ctx is not None
