@@ -41,7 +41,7 @@ def _lrs(sched, steps):
     """LR of group 0 used by each of the next ``steps`` optimizer steps."""
     out = []
     for _ in range(steps):
-        out.append(sched.optimizer.param_groups[0]["lr"])
+        out.append(float(sched.optimizer.param_groups[0]["lr"]))
         sched.optimizer.step()
         sched.step()
     return out
@@ -204,6 +204,18 @@ def test_wsd_scheduler_set_cooldown_and_phase():
     assert sched.optimizer.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5, abs=1e-15)
     _lrs(sched, 2)
     assert sched.phase == "final" and sched.optimizer.param_groups[0]["lr"] == 0.0
+
+
+def test_wsd_scheduler_tensor_lr():
+    """A tensor LR (capturable optimizers) is filled in place with the closed form, never replaced by a float."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([param], lr=torch.tensor(0.1))
+    lr_tensor = opt.param_groups[0]["lr"]
+    sched = WSDScheduler(opt, warmup_steps=2, total_steps=10)
+    got = [float(v) for v in _lrs(sched, 10)]
+    expected = [0.1 * wsd_lr_factor(n, warmup_steps=2, cooldown_start=8, cooldown_steps=2) for n in range(10)]
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert opt.param_groups[0]["lr"] is lr_tensor
 
 
 class _TwoGroupModel(BoringModel):

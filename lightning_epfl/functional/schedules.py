@@ -25,6 +25,7 @@ import math
 import warnings
 from typing import Any, Literal, get_args
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -292,8 +293,12 @@ class WSDScheduler(LRScheduler):
     def _apply_lr(self) -> None:
         """Write the closed-form LR of ``last_epoch`` into every param group (overrides restored values)."""
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            if isinstance(group["lr"], Tensor):  # e.g. capturable optimizers keep the LR in a tensor: no aliasing
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        groups = self.optimizer.param_groups
+        self._last_lr = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in groups]
 
     def set_cooldown(
         self,
