@@ -89,6 +89,10 @@ def test_meta_module_resume_is_bit_identical(tmp_path):
     for p, q in zip(opt_a.param_groups[0]["params"], opt_b.param_groups[0]["params"]):
         assert torch.equal(opt_a.state[p]["momentum_buffer"], opt_b.state[q]["momentum_buffer"])
     assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"] < 0.05
+    loaded = MetaLearningModule.load_from_checkpoint(ckpt, net=MLP(1, [8], 1))
+    assert loaded.hparams.inner_steps == 2 and loaded.hparams.algorithm == "fo_b_maml"
+    for (n, a), (_, b) in zip(part.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
 
 
 def test_meta_module_monitor_and_step_norm(tmp_path):
