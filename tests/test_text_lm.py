@@ -193,3 +193,44 @@ def test_causal_lm_checkpoint_and_pretrained_path(tmp_path):
         CausalLMModule(pretrained_path=str(tmp_path / "missing"))
     with pytest.raises(MisconfigurationException, match="config"):
         CausalLMModule(config=TINY, pretrained_path=str(tmp_path / "hf"))
+
+
+def test_text_resume_mid_epoch_reproduces_uninterrupted_run(tmp_path):
+    """A run resumed from a mid-epoch checkpoint sees the same batches and ends with identical weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    text = _write(tmp_path, "t.txt", "\n\n".join(f"paragraph {i}: " + "abc xyz " * (i % 7 + 1) for i in range(120)))
+
+    def fit(max_steps, ckpt_path=None, callbacks=()):
+        seed_everything(0)
+        dm = TextDataModule(paths=text, block_size=16, batch_size=8, seed=5)
+        model = CausalLMModule(config=TINY)
+        trainer = Trainer(
+            max_steps=max_steps,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            callbacks=list(callbacks),
+            default_root_dir=tmp_path,
+            enable_checkpointing=bool(callbacks),
+        )
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return model, dm
+
+    model, dm = fit(0)
+    per_epoch = len(dm.train_dataloader())
+    assert 4 <= per_epoch <= 40
+    total, cut = 2 * per_epoch + 3, per_epoch + per_epoch // 2
+    full, _ = fit(total)
+    fit(cut, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=cut, filename="cut")])
+    resumed, _ = fit(total, ckpt_path=str(tmp_path / "ck" / "cut.ckpt"))
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    # negative control: the same checkpoint without the loader position replays the epoch from its start
+    ckpt = torch.load(tmp_path / "ck" / "cut.ckpt", weights_only=False)
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == cut - per_epoch
+    ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] = []
+    torch.save(ckpt, tmp_path / "ck" / "no_state.ckpt")
+    control, _ = fit(total, ckpt_path=str(tmp_path / "ck" / "no_state.ckpt"))
+    assert not all(torch.equal(a, b) for a, b in zip(full.parameters(), control.parameters()))
