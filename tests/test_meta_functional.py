@@ -330,3 +330,23 @@ def test_meta_functional_shape_errors():
                           inner_steps=1)  # fmt: skip
     with pytest.raises(ValueError, match="algorithm"):
         task_grad_fn("imaml")
+
+
+def test_maml_objective_is_l0_l1_smooth_not_l_smooth():
+    """f = x^2/2 + sin x, alpha = 0.3: |F''| grows (0.94 on |x| <= 1, 209.7 on |x| <= 1000) yet stays below
+    L0 + L1 |F'| with L0 = (1 + alpha L)^2 L = 5.12, L1 = alpha rho / (1 - alpha L) = 0.75 (L = 2, rho = 1)."""
+    net, z = Scalar(), torch.zeros(1, 1, dtype=torch.float64)
+
+    def f_prime(x):
+        d, _ = maml_task_grad(net, {"x": x}, {}, z, z, z, z, loss=smooth_1d, inner_lr=0.3, inner_steps=1)
+        return d["x"].sum()
+
+    maxima = []
+    for radius, points in ((1.0, 2001), (1000.0, 200001)):
+        xs = torch.linspace(-radius, radius, points, dtype=torch.float64).reshape(-1, 1)
+        f1 = torch.func.vmap(f_prime)(xs)
+        f2 = torch.func.vmap(torch.func.grad(f_prime))(xs).reshape(-1)
+        assert bool((f2.abs() <= 5.12 + 0.75 * f1.abs()).all())
+        maxima.append(f2.abs().max().item())
+    assert maxima[0] == pytest.approx(0.942, abs=1e-3)
+    assert maxima[1] == pytest.approx(209.7, abs=0.1)
