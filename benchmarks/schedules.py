@@ -127,6 +127,8 @@ def main() -> None:
     if gap > 0:
         closed = (results["constant"] - results["wsd-1sqrt"]) / gap
         print(f"WSD 1-sqrt closes {100 * closed:.0f}% of the constant->cosine gap")
+    diff = results["branch@0.8N->N"] - results["wsd-1sqrt"]
+    print(f"branch@0.8N->N - wsd-1sqrt (same schedule, resumed vs planned): {diff:+.2e}")
     print(f"trunk+branch steps / separate run steps: {(n + (n - s)) / (2 * n):.2f} for two budgets")
 
 
