@@ -181,6 +181,16 @@ def test_meta_module_setup_rejects_mismatched_tasks(tmp_path, net, algorithm, ma
         _trainer(tmp_path, max_steps=1).fit(module, _data())
 
 
+def test_meta_module_fo_b_maml_precision_and_relu_checks(tmp_path):
+    """fo_b_maml rejects half precision and warns about ReLU kinks at small fd_delta."""
+    module = MetaLearningModule(MLP(1, [4], 1), algorithm="fo_b_maml")
+    with pytest.raises(ValueError, match="precision"):
+        _trainer(tmp_path, max_steps=1, precision="bf16-mixed").fit(module, _data())
+    module = MetaLearningModule(MLP(1, [4], 1, activation="relu"), algorithm="fo_b_maml", monitor_every_n_steps=None)
+    with pytest.warns(RuntimeWarning, match="kinks"):
+        _trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, _data())
+
+
 @pytest.mark.parametrize("name", ["maml_sinusoid.yaml", "maml_digits.yaml"])
 def test_meta_module_example_yaml_runs(tmp_path, name):
     """The example YAML runs one fast_dev_run step through the CLI and logs the meta-learning metrics."""

@@ -116,7 +116,8 @@ class MetaLearningModule(LightningModule):
         ValueError: If ``inner_steps < 1``, ``inner_lr <= 0``, ``fd_delta <= 0``, ``reptile_steps < 2``, a name
             (``loss``, ``algorithm``, ``fd_scheme``, ``vmap_randomness``, ``adapt_params``) is unknown, the net has
             BatchNorm with running statistics, or (in ``setup``) the datamodule's support/query shapes do not fit the
-            net.
+            net, or ``algorithm="fo_b_maml"`` meets Dropout layers or a half-precision Trainer (finite differences
+            need a deterministic net and 32/64-bit arithmetic; ReLU-type activations only warn).
     """
 
     def __init__(
@@ -243,10 +244,34 @@ class MetaLearningModule(LightningModule):
     # ------------------------------------------------------------------------------------------------ Lightning hooks
     @override
     def setup(self, stage: str) -> None:
+        if self.hparams.algorithm == "fo_b_maml":
+            self._check_finite_differences()
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None or not hasattr(dm, "monitor_batch"):
             return
         self._check_task_shapes(dm.monitor_batch(1))
+
+    def _check_finite_differences(self) -> None:
+        stochastic = [n for n, m in self.net.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
+        if stochastic:
+            raise ValueError(
+                f"algorithm='fo_b_maml' needs a deterministic net (its finite differences compare gradients at nearby "
+                f"points), but {stochastic} are Dropout layers; remove them or use another `algorithm`."
+            )
+        precision = str(self.trainer.precision) if self._trainer is not None else "32"
+        if "16" in precision:
+            raise ValueError(
+                f"algorithm='fo_b_maml' takes finite differences of gradients, which cancel in half precision; got "
+                f"Trainer(precision={precision!r}). Use precision '32-true' or '64-true'."
+            )
+        kinks = [n for n, m in self.net.named_modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.Hardtanh))]
+        if kinks and self.hparams.fd_delta < 1e-1:
+            rank_zero_warn(
+                f"algorithm='fo_b_maml' with piecewise-linear activations ({kinks}): finite differences across kinks "
+                f"are inaccurate at fd_delta={self.hparams.fd_delta}; prefer smooth activations (tanh, GELU) or "
+                "fd_delta around 1e-1.",
+                category=RuntimeWarning,
+            )
 
     def _check_task_shapes(self, batch: TaskBatch) -> None:
         params, frozen = self._split_params()
@@ -260,12 +285,6 @@ class MetaLearningModule(LightningModule):
                     f"The datamodule's {split} tasks do not match the model: {split}_x {tuple(x.shape[1:])}, "
                     f"{split}_y {tuple(y.shape[1:])} per task with loss={self.hparams.loss!r} failed: {err}"
                 ) from err
-        stochastic = [n for n, m in self.net.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
-        if stochastic and self.hparams.algorithm == "fo_b_maml":
-            raise ValueError(
-                f"algorithm='fo_b_maml' needs a deterministic net (its finite differences compare gradients at nearby "
-                f"points), but {stochastic} are Dropout layers; remove them or use another `algorithm`."
-            )
 
     @override
     def configure_optimizers(self) -> Any:
