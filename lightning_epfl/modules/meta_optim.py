@@ -27,7 +27,8 @@ class MetaOptimizer(torch.optim.Optimizer):
     the global ``||m||`` over every parameter of every group. With one learning rate, ``normalized`` steps have
     length exactly ``lr`` and ``clipped`` steps at most ``lr * clip_norm`` (motivated by the ``(L0, L1)``-smoothness of
     the MAML objective, arXiv:2409.03682). Normalized steps do not shrink near a stationary point, so pair them with
-    a decaying learning-rate schedule.
+    a decaying learning-rate schedule. ``mode``, ``clip_norm`` and ``eps`` are read from the first parameter group
+    (the step scale is global); ``lr`` and ``momentum`` may differ per group.
 
     Args:
         params: Parameters or parameter groups.
