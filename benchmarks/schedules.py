@@ -64,6 +64,47 @@ def trainer(root: str, max_steps: int, callbacks: list, val_batches: int) -> L.T
     )
 
 
+def plot(path: str, n: int, w: int, lr: float, cosine_lr: float, results: dict[str, float]) -> None:
+    """Save the LR schedules of the runs, labelled with their final validation loss (temp file + rename)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lightning_epfl.functional.schedules import wsd_lr_factor
+
+    s, longer = int(0.8 * n), int(1.25 * n)
+    curves = {
+        "cosine": (
+            cosine_lr,
+            range(n + 1),
+            {"cooldown_start": w, "cooldown_steps": n - w, "shape": "cosine", "final_lr_ratio": 0.1},
+        ),
+        "wsd-1sqrt": (lr, range(n + 1), {"cooldown_start": s, "cooldown_steps": n - s}),
+        "wsd-linear": (lr, range(n + 1), {"cooldown_start": s, "cooldown_steps": n - s, "shape": "linear"}),
+        "constant": (lr, range(n + 1), {}),
+        "branch@N->1.25N": (lr, range(n, longer + 1), {"cooldown_start": n, "cooldown_steps": longer - n}),
+    }
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, (peak, steps, kw) in curves.items():
+        ys = [peak * wsd_lr_factor(t, warmup_steps=w, **kw) for t in steps]
+        label = f"{name}: val {results[name]:.3f}" if name in results else name
+        ax.plot(list(steps), ys, label=label, linestyle="--" if name.startswith("branch") else "-")
+    if "constant+swa1" in results:
+        ax.plot([], [], " ", label=f"constant+SWA (1 window): val {results['constant+swa1']:.3f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Schedules and final validation loss (nats/byte)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=1000, help="N, optimizer steps per run")
@@ -75,6 +116,7 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--plot", default="runs/schedules/schedules.png", help="PNG of the LR schedules ('' for none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n, w = args.steps, args.warmup
@@ -127,6 +169,8 @@ def main() -> None:
     if gap > 0:
         closed = (results["constant"] - results["wsd-1sqrt"]) / gap
         print(f"WSD 1-sqrt closes {100 * closed:.0f}% of the constant->cosine gap")
+    if args.plot:
+        plot(args.plot, n, w, args.lr, args.cosine_lr, results)
     diff = results["branch@0.8N->N"] - results["wsd-1sqrt"]
     print(f"branch@0.8N->N - wsd-1sqrt (same schedule, resumed vs planned): {diff:+.2e}")
     print(f"trunk+branch steps / separate run steps: {(n + (n - s)) / (2 * n):.2f} for two budgets")
