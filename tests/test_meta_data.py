@@ -12,6 +12,7 @@ def test_meta_data_sinusoid_stream_deterministic_and_shaped():
     x, y = a.train_batch(5), b.train_batch(5)
     assert torch.equal(x.support_x, y.support_x) and torch.equal(x.query_y, y.query_y) and x.index == 5
     assert not torch.equal(a.train_batch(6).support_x, x.support_x)
+    assert not torch.equal(a.train_batch(5, rank=1).support_x, x.support_x)  # each data-parallel rank its own tasks
     assert x.support_x.shape == (3, 10, 1) and x.query_x.shape == (3, 10, 1)
     val = a.val_batch()
     assert val.support_x.shape == (500, 10, 1) and val.query_x.shape == (500, 100, 1)

@@ -85,9 +85,9 @@ class _TrainStream(IterableDataset):
         return self.dm.batches_per_epoch
 
     def __iter__(self) -> Iterator[TaskBatch]:
-        start = self.dm.cursor
+        start, rank = self.dm.cursor, self.dm._rank()
         for j in range(start, start + self.dm.batches_per_epoch):
-            yield self.dm.train_batch(j)
+            yield self.dm.train_batch(j, rank)
 
 
 class _FixedBatches(Dataset):
@@ -140,11 +140,20 @@ class FewShotTasksBase(LightningDataModule):
         """Draw ``num_tasks`` tasks from ``split`` (``"train"`` or ``"val"``) with ``rng``."""
         raise NotImplementedError
 
-    def train_batch(self, index: int) -> TaskBatch:
-        """The ``index``-th batch of the training stream (a pure function of ``seed`` and ``index``)."""
-        batch = self.sample_tasks(self.tasks_per_batch, np.random.default_rng([self.seed, 0, index]), "train")
+    def train_batch(self, index: int, rank: int = 0) -> TaskBatch:
+        """The ``index``-th batch of the training stream of process ``rank`` (a pure function of the three).
+
+        Under data parallelism every rank draws its own tasks (the meta-gradients are then averaged over ranks);
+        rank 0's stream is the single-process stream.
+        """
+        key = [self.seed, 0, index] if rank == 0 else [self.seed, 0, index, rank]
+        batch = self.sample_tasks(self.tasks_per_batch, np.random.default_rng(key), "train")
         batch.index = index
         return batch
+
+    def _rank(self) -> int:
+        trainer = self.trainer
+        return int(trainer.global_rank) if trainer is not None else 0
 
     def val_batch(self) -> TaskBatch:
         """All fixed validation tasks as one batch."""
@@ -322,7 +331,7 @@ class LinearRegressionTasks(FewShotTasksBase):
         return self.full_batch().slice(0, num_tasks)
 
     @override
-    def train_batch(self, index: int) -> TaskBatch:
+    def train_batch(self, index: int, rank: int = 0) -> TaskBatch:
         batch = self.full_batch()
         batch.index = index
         return batch
