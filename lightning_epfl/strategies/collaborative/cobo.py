@@ -190,13 +190,11 @@ class CoBo(CollaborativeAlgorithm):
         tasks = [(k, e, int(pairs[k, e])) for k in range(m) for e in (0, 1) if int(pairs[k, e]) in local]
         GG = torch.zeros(m, 2, dc, dtype=snapshot.dtype, device=snapshot.device)
         if tasks:
-            rows = torch.stack([snapshot[c] for _, _, c in tasks]).clone()
-            mids = torch.stack([0.5 * (snapshot[pairs[k, 0], :dc] + snapshot[pairs[k, 1], :dc]) for k, _, _ in tasks])
-            rows[:, :dc] = mids
-            batch = ctx.extra_batches([c for _, _, c in tasks], self._pair_size(ctx), "cobo_pairs")
+            ks, es, cs = (torch.tensor(col, device=snapshot.device) for col in zip(*tasks))
+            rows = snapshot[cs].clone()  # personal (non-communicated) columns stay the evaluating client's own
+            rows[:, :dc] = 0.5 * (snapshot[pairs[ks, 0].to(cs), :dc] + snapshot[pairs[ks, 1].to(cs), :dc])
+            batch = ctx.extra_batches(cs.tolist(), self._pair_size(ctx), "cobo_pairs")
             G, _ = ctx.loss_and_grad(rows, batch)
-            ks = torch.tensor([k for k, _, _ in tasks])
-            es = torch.tensor([e for _, e, _ in tasks])
             GG[ks, es] = G[:, :dc].to(GG.dtype)
         if ctx.comm.world_size > 1:
             GG = ctx.comm.all_reduce(GG)
