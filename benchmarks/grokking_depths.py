@@ -4,11 +4,12 @@ later).
 Runs ``examples/grokking_digits.yaml`` once per depth (each in its own process, one thread each, in parallel by
 default), then prints per depth: the first logged step with train accuracy >= 99.5%, the val ("test") accuracy
 there, the first steps at which val accuracy reaches 0.5 / 0.8 / 0.9, the step of the steepest 1000-step rise of val
-accuracy (the "jump"), and the turning point of the effective-rank curve of the last hidden layer (step of its
-peak, peak value, final value and final/peak ratio). Results go to ``<out>/results.json`` and a figure to
-``<out>/grokking_depths.png`` (both written to a temp name and renamed).
+accuracy (the "jump"), the largest rise between two consecutive evaluations, and the turning point of the
+effective-rank curve of the last hidden layer (step of its peak, peak value, final value and final/peak ratio).
+Results go to ``<out>/results.json`` and a figure to ``<out>/grokking_depths.png``
+(both written to a temp name and renamed).
 
-    python benchmarks/grokking_depths.py                       # depths 4 8 12, 20 000 steps, ~20-60 min on 2 cores
+    python benchmarks/grokking_depths.py                       # depths 4 8 12, 20 000 steps: ~25 CPU-min
     python benchmarks/grokking_depths.py --depths 8 --steps 3000   # quick look
 
 The machine may be shared: wall times are printed for information only; the step counts are what matters.
@@ -106,6 +107,9 @@ def summarize(result: dict) -> dict:
         prev = [b for t, b in val if s - 1000 <= t < s]
         if prev and a - prev[0] > best:
             best, jump = a - prev[0], s
+    # largest rise between two consecutive evaluations (every 250 steps in the example): the sharpest jump
+    pairs = list(zip(val[:-1], val[1:]))
+    sharp = max(pairs, key=lambda p: p[1][1] - p[0][1]) if pairs else None
     last_hidden = f"linears.{result['depth'] - 2}"  # the output layer is linears.{depth - 1}
     steps, eff = result["effective_rank"][last_hidden]
     peak_i = max(range(len(eff)), key=eff.__getitem__)
@@ -118,6 +122,7 @@ def summarize(result: dict) -> dict:
         "val_0.9": reach[0.9],
         "jump_step": jump,
         "jump_size": best,
+        "sharpest_jump": f"{sharp[0][0]}->{sharp[1][0]}: {sharp[0][1]:.3f}->{sharp[1][1]:.3f}" if sharp else None,
         "final_val": val[-1][1] if val else None,
         "layer": last_hidden,
         "rank_peak_step": steps[peak_i],
@@ -188,6 +193,7 @@ def main() -> None:
         "val_0.8",
         "val_0.9",
         "jump_step",
+        "sharpest_jump",
         "final_val",
         "rank_peak_step",
         "rank_peak",
