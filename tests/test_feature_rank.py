@@ -287,3 +287,19 @@ def test_feature_rank_ddp_two_processes(tmp_path):
         tmp_path, max_steps=10, logger=False, callbacks=[monitor], accelerator="cpu", devices=2, strategy="ddp_spawn"
     )
     trainer.fit(DeepMLPClassifier(depth=3, width=8), train, val)
+
+
+def test_feature_rank_self_log_mode_reaches_logger_and_callback_metrics(tmp_path):
+    """log_via='self.log' with aligned intervals: every in-loop probe reaches the logger and callback_metrics."""
+    seed_everything(0)
+    logger = _ListLogger()
+    monitor = FeatureRankMonitor(num_samples=100, every_n_steps=10, log_via="self.log", plot=False)
+    trainer = _trainer(tmp_path, max_steps=30, log_every_n_steps=10, logger=logger, callbacks=[monitor])
+    trainer.fit(DeepMLPClassifier(depth=3, width=8), *_loaders())
+    key = "feature_rank/effective_rank/linears.0"
+    logged = [(s, m[key]) for s, m in logger.calls if key in m]
+    # step 0 goes to the loggers directly (self.log is not allowed in on_train_start); Lightning stamps the
+    # in-loop values with its own step counter (global_step - 1)
+    assert [s for s, _ in logged] == [0, 9, 19, 29]
+    assert [v for _, v in logged] == pytest.approx([h["values"][key] for h in monitor.history], rel=1e-6)
+    assert float(trainer.callback_metrics[key]) == pytest.approx(monitor.history[-1]["values"][key], rel=1e-6)

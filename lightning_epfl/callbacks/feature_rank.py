@@ -82,7 +82,9 @@ class FeatureRankMonitor(Callback):
         seed: Seed of the private generator used for column subsampling (the global RNG is never touched).
         log_prefix: Metric key prefix; also part of :attr:`state_key`, so two monitors need different prefixes.
         log_via: ``"loggers"`` (default: ``log_metrics`` at the exact step) or ``"self.log"`` (``pl_module.log``;
-            then ``every_n_steps`` must be a multiple of ``trainer.log_every_n_steps`` or values are dropped).
+            then ``every_n_steps`` must be a multiple of ``trainer.log_every_n_steps`` or values are dropped; the
+            loggers then stamp values with Lightning's counter, ``global_step - 1``, and the step-0 probe, made where
+            ``self.log`` is not allowed, goes to the loggers directly).
         plot: Write ``feature_rank.png`` at the end of training (needs matplotlib).
         overlay_metrics: Keys of ``trainer.callback_metrics`` recorded at each probe and drawn under the ranks;
             ``None`` means ``["train/acc", "val/acc"]``.
