@@ -75,6 +75,7 @@ def run_method(
     n_clusters: int = 4,
     cobo: dict[str, Any] | None = None,
     root: str | None = None,
+    callbacks: list[L.Callback] | None = None,
 ) -> dict[str, Any]:
     """Train one method through ``CoBoStrategy`` and return test accuracy, recovery metrics and wall time."""
     L.seed_everything(seed, verbose=False)
@@ -106,6 +107,7 @@ def run_method(
         enable_model_summary=False,
         limit_val_batches=0,
         default_root_dir=root,
+        callbacks=callbacks,
     )
     t0 = time.perf_counter()
     trainer.fit(model, dm)
