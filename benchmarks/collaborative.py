@@ -89,8 +89,9 @@ def run_method(
         standardize=False,
         seed=seed,
     )
-    model = MLPClassifier(64, [32], 10, optimizer=partial(torch.optim.SGD, lr=LR))
     kw = dict(cobo or COBO_16)
+    lr = kw.pop("lr", LR)
+    model = MLPClassifier(64, [32], 10, optimizer=partial(torch.optim.SGD, lr=lr))
     kw.update(METHODS[method])
     if kw["baseline"] == "ifca":
         kw["ifca_clusters"] = n_clusters
