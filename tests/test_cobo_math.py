@@ -9,8 +9,8 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from collab_toy import ToyFederatedData
 from lightning.pytorch import LightningDataModule
-from test_collab_toy import ToyFederatedData
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 

@@ -8,8 +8,8 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from collab_toy import ToyFederatedData
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from test_collab_toy import ToyFederatedData
 from torch import nn
 
 from lightning_epfl.modules.client import MLPClassifier

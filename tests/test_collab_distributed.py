@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_collab_toy import ToyFederatedData
+from collab_toy import ToyFederatedData
 
 from lightning_epfl.modules.client import MLPClassifier
 from lightning_epfl.strategies.collaborative import CoBoStrategy, TorchDistributedCommunicator

@@ -1,23 +1,19 @@
-"""lightning_epfl.callbacks"""
+"""Lightning callbacks: Cooldown, WindowedSWA, FeatureRankMonitor, CollaborationMatrixLogger."""
 
-__all__: list[str] = []
-
-from lightning_epfl.callbacks.feature_rank import FeatureRankMonitor  # noqa: E402
-
-__all__ += ["FeatureRankMonitor"]
-
-from lightning_epfl.callbacks.cooldown import Cooldown  # noqa: E402
-
-__all__ += ["Cooldown"]
-
-from lightning_epfl.callbacks.windowed_swa import WindowedSWA  # noqa: E402
-
-__all__ += ["WindowedSWA"]
-
-from lightning_epfl.callbacks.collaboration_matrix import (  # noqa: E402
+from lightning_epfl.callbacks.collaboration_matrix import (
     CollaborationMatrixLogger,
     plot_collaboration_matrix,
     plot_matrix_history,
 )
+from lightning_epfl.callbacks.cooldown import Cooldown
+from lightning_epfl.callbacks.feature_rank import FeatureRankMonitor
+from lightning_epfl.callbacks.windowed_swa import WindowedSWA
 
-__all__ += ["CollaborationMatrixLogger", "plot_collaboration_matrix", "plot_matrix_history"]
+__all__ = [
+    "CollaborationMatrixLogger",
+    "Cooldown",
+    "FeatureRankMonitor",
+    "plot_collaboration_matrix",
+    "plot_matrix_history",
+    "WindowedSWA",
+]

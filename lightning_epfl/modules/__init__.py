@@ -1,18 +1,23 @@
-"""LightningModules and layers."""
+"""LightningModules and layers: CausalLMModule, DeepMLPClassifier, ClientModule/MLPClassifier, MetaLearningModule."""
 
 from lightning_epfl.modules.causal_lm import CausalLMModule
+from lightning_epfl.modules.client import (
+    ClientModule,
+    MLPClassifier,
+)
+from lightning_epfl.modules.deep_mlp import DeepMLPClassifier
+from lightning_epfl.modules.meta_learning import (
+    MLP,
+    MetaLearningModule,
+)
+from lightning_epfl.modules.meta_optim import MetaOptimizer
 
-__all__: list[str] = ["CausalLMModule"]
-
-from lightning_epfl.modules.deep_mlp import DeepMLPClassifier  # noqa: E402
-
-__all__ += ["DeepMLPClassifier"]
-
-from lightning_epfl.modules.meta_learning import MLP, MetaLearningModule  # noqa: E402
-from lightning_epfl.modules.meta_optim import MetaOptimizer  # noqa: E402
-
-__all__ += ["MLP", "MetaLearningModule", "MetaOptimizer"]
-
-from lightning_epfl.modules.client import ClientModule, MLPClassifier  # noqa: E402
-
-__all__ += ["ClientModule", "MLPClassifier"]
+__all__ = [
+    "CausalLMModule",
+    "ClientModule",
+    "DeepMLPClassifier",
+    "MetaLearningModule",
+    "MetaOptimizer",
+    "MLP",
+    "MLPClassifier",
+]

@@ -1,8 +1,6 @@
-"""lightning_epfl.strategies"""
+"""Training strategies: the collaborative core and the algorithms on it (CoBo and baselines)."""
 
-__all__: list[str] = []
-
-from lightning_epfl.strategies.collaborative import (  # noqa: E402
+from lightning_epfl.strategies.collaborative import (
     IFCA,
     ClientStack,
     CoBo,
@@ -20,7 +18,7 @@ from lightning_epfl.strategies.collaborative import (  # noqa: E402
     TorchDistributedCommunicator,
 )
 
-__all__ += [
+__all__ = [
     "ClientStack",
     "CoBo",
     "CoBoStrategy",
