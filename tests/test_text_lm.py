@@ -195,8 +195,9 @@ def test_causal_lm_checkpoint_and_pretrained_path(tmp_path):
         CausalLMModule(config=TINY, pretrained_path=str(tmp_path / "hf"))
 
 
-def test_text_resume_mid_epoch_reproduces_uninterrupted_run(tmp_path):
-    """A run resumed from a mid-epoch checkpoint sees the same batches and ends with identical weights."""
+@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
+def test_text_resume_mid_epoch_reproduces_uninterrupted_run(tmp_path, where):
+    """A run resumed from a mid-epoch (or end-of-epoch) checkpoint sees the same batches: identical weights."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     text = _write(tmp_path, "t.txt", "\n\n".join(f"paragraph {i}: " + "abc xyz " * (i % 7 + 1) for i in range(120)))
@@ -221,7 +222,8 @@ def test_text_resume_mid_epoch_reproduces_uninterrupted_run(tmp_path):
     model, dm = fit(0)
     per_epoch = len(dm.train_dataloader())
     assert 4 <= per_epoch <= 40
-    total, cut = 2 * per_epoch + 3, per_epoch + per_epoch // 2
+    total = 2 * per_epoch + 3
+    cut = per_epoch + per_epoch // 2 if where == "mid_epoch" else per_epoch
     full, _ = fit(total)
     fit(cut, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=cut, filename="cut")])
     resumed, _ = fit(total, ckpt_path=str(tmp_path / "ck" / "cut.ckpt"))
@@ -229,7 +231,8 @@ def test_text_resume_mid_epoch_reproduces_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), name
     # negative control: the same checkpoint without the loader position replays the epoch from its start
     ckpt = torch.load(tmp_path / "ck" / "cut.ckpt", weights_only=False)
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["batches"] == cut - per_epoch
+    state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (state["epoch"], state["batches"]) == (1, cut - per_epoch)
     ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] = []
     torch.save(ckpt, tmp_path / "ck" / "no_state.ckpt")
     control, _ = fit(total, ckpt_path=str(tmp_path / "ck" / "no_state.ckpt"))

@@ -171,9 +171,12 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         """Return ``{"epoch", "batches", "num_samples", "batch_size", "seed"}`` of the consumer's position."""
+        epoch, consumed = self._epoch, self._consumed
+        if consumed >= len(self):  # the last batch was consumed but the iterator has not been asked for more yet
+            epoch, consumed = epoch + 1, 0
         return {
-            "epoch": self._epoch,
-            "batches": self._consumed,
+            "epoch": epoch,
+            "batches": consumed,
             "num_samples": self._permutation.num_samples,
             "batch_size": int(self.batch_size or 1),
             "seed": self._permutation.seed,
