@@ -156,7 +156,11 @@ class CausalLMModule(LightningModule):
     # ------------------------------------------------------------------ steps
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Return logits of shape ``(batch, seq, vocab)`` for ``input_ids`` of shape ``(batch, seq)``."""
-        assert self.model is not None, "call configure_model() first"
+        if self.model is None:
+            raise RuntimeError(
+                "The model is not built: run it under a Trainer, or call `configure_model()` after setting "
+                "`config={'vocab_size': ...}` or `pretrained_path`."
+            )
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
