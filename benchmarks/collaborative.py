@@ -42,6 +42,7 @@ from lightning_epfl.functional.collab_metrics import recovery_metrics
 from lightning_epfl.modules import MLPClassifier
 from lightning_epfl.strategies import ClientStack, CoBo, CoBoStrategy, LocalCommunicator
 from lightning_epfl.strategies.collaborative.algorithm import StepContext
+from lightning_epfl.utilities import save_figure
 
 LR = 0.1
 # 16-client (cross-silo analogue) CoBo settings, cobo.md section 4: eta*rho*n = 0.1*0.3*16 = 0.48
@@ -136,10 +137,7 @@ def _save_heatmap(W: torch.Tensor, clusters: torch.Tensor, path: str, title: str
     plot_collaboration_matrix(W, clusters, ax=ax)
     ax.set_title(title)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def part_methods(seeds: list[int], steps: int, methods: list[str], fig_dir: str) -> None:

@@ -24,6 +24,8 @@ import multiprocessing as mp
 import os
 import time
 
+from lightning_epfl.utilities import atomic_write_bytes, save_figure
+
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "grokking_digits.yaml")
 
 
@@ -84,10 +86,7 @@ def load_run(depth: int, out: str, wall_s: float | None = None) -> dict:
 
 
 def _write_json(path: str, obj: object) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(obj).encode())
 
 
 def summarize(result: dict) -> dict:
@@ -157,10 +156,7 @@ def plot(results: list[dict], path: str) -> None:
     ax_rank.grid(alpha=0.3)
     fig.suptitle("Digits, 200 train / 1597 val, MLP width 128, alpha 4, AdamW wd 0.1, MSE")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -46,6 +46,8 @@ import statistics
 import time
 from typing import Any
 
+from lightning_epfl.utilities import atomic_write_bytes, save_figure
+
 ALGORITHMS = ("maml", "fo_b_maml", "fomaml", "reptile")
 
 
@@ -361,10 +363,7 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:
@@ -386,9 +385,7 @@ def main() -> None:
         run = {"estimator": part_estimator, "methods": part_methods, "vmap": part_vmap, "memory": part_memory}[part]
         results[part] = run(args)
     path = os.path.join(args.out, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_bytes(path, json.dumps(results, indent=1).encode())
     plot(results, os.path.join(args.out, "meta_learning.png"))
     print(f"\ntotal {time.time() - t0:.0f} s; results: {path}; figure: {os.path.join(args.out, 'meta_learning.png')}")
 

@@ -35,6 +35,7 @@ from lightning_epfl import WSDScheduler
 from lightning_epfl.callbacks import Cooldown, WindowedSWA
 from lightning_epfl.datamodules import TextDataModule
 from lightning_epfl.modules import CausalLMModule
+from lightning_epfl.utilities import save_figure
 
 MODEL = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4}
 
@@ -97,11 +98,7 @@ def plot(path: str, n: int, w: int, lr: float, cosine_lr: float, results: dict[s
     ax.set_title("Schedules and final validation loss (nats/byte)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
     print(f"plot: {path}")
 
 

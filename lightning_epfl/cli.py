@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeUnion
 
+from lightning_epfl.utilities import step_scheduler_config
+
 
 class EPFLCLI(LightningCLI):
     """LightningCLI whose automatic top-level ``lr_scheduler`` steps once per optimizer step.
@@ -27,14 +29,7 @@ class EPFLCLI(LightningCLI):
         optimizer: torch.optim.Optimizer,
         lr_scheduler: LRSchedulerTypeUnion | None = None,
     ) -> Any:
-        if lr_scheduler is None:
-            return optimizer
-        if isinstance(lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            return {
-                "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": lr_scheduler, "monitor": lr_scheduler.monitor},
-            }
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+        return step_scheduler_config(optimizer, lr_scheduler)
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> EPFLCLI:

@@ -35,17 +35,11 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_epfl.functional.collab_metrics import recovery_metrics
+from lightning_epfl.utilities import atomic_write_bytes
 
 __all__ = ["CollaborationMatrixLogger", "cluster_order", "plot_collaboration_matrix", "plot_matrix_history"]
 
 _METRICS = ("w_within", "w_between", "pair_accuracy", "ari_components", "ari_spectral")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def cluster_order(clusters: Tensor | None, n: int) -> np.ndarray:
@@ -253,7 +247,7 @@ class CollaborationMatrixLogger(Callback):
         os.makedirs(self._dir, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, w.numpy())
-        _atomic_write(os.path.join(self._dir, f"matrix_{step}.npy"), buf.getvalue())
+        atomic_write_bytes(os.path.join(self._dir, f"matrix_{step}.npy"), buf.getvalue())
         self._append_history(step, w.numpy(), metrics)
         if self.plot:
             self._plot(trainer, w, clusters, step)
@@ -273,7 +267,7 @@ class CollaborationMatrixLogger(Callback):
         data = {k: np.concatenate([data[k], v]) if k in data else v for k, v in row.items()}
         buf = io.BytesIO()
         np.savez(buf, **data)
-        _atomic_write(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
 
     def _plot(self, trainer: pl.Trainer, w: Tensor, clusters: Tensor | None, step: int) -> None:
         try:
@@ -292,7 +286,7 @@ class CollaborationMatrixLogger(Callback):
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
-        _atomic_write(os.path.join(self._dir, f"matrix_{step}.png"), buf.getvalue())
+        atomic_write_bytes(os.path.join(self._dir, f"matrix_{step}.png"), buf.getvalue())
         canvas.draw()
         image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
         for logger in trainer.loggers:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
 from lightning_epfl.functional.rank import METRICS, spectral_metrics
+from lightning_epfl.utilities import save_figure
 
 _WRAPPER_PREFIXES = ("_forward_module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -545,12 +546,7 @@ class FeatureRankMonitor(Callback):
         axes[-1].set_xlabel("optimizer step")
         fig.suptitle(f"Feature rank on {self.num_samples} {self.probe} samples ({self.compute_dtype})")
         fig.tight_layout()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp.png"
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        return save_figure(fig, path, dpi=110)
 
 
 __all__ = ["FeatureRankMonitor"]

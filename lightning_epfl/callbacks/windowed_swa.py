@@ -34,6 +34,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_epfl.functional.averaging import running_mean_, weighted_average
+from lightning_epfl.utilities import atomic_torch_save
 
 __all__ = ["WindowedSWA"]
 
@@ -312,7 +313,7 @@ class WindowedSWA(Callback):
             return
         if self.save_dir is not None and trainer.is_global_zero:
             for j in self.horizons:
-                self._atomic_save(self.average_state_dict(j), os.path.join(self.save_dir, f"swa_average_h{j}.pt"))
+                atomic_torch_save(self.average_state_dict(j), os.path.join(self.save_dir, f"swa_average_h{j}.pt"))
         if self.apply_at_end:
             pl_module.load_state_dict(self.average_state_dict(self.horizons[0]))
             rank_zero_info(f"WindowedSWA: loaded the horizon-{self.horizons[0]} average into the module.")
@@ -419,15 +420,8 @@ class WindowedSWA(Callback):
     def _write_window(self, index: int, state: dict[str, Tensor]) -> str:
         assert self.save_dir is not None
         path = os.path.join(self.save_dir, f"swa_window_{index:07d}.pt")
-        self._atomic_save(state, path)
+        atomic_torch_save(state, path)
         return path
-
-    @staticmethod
-    def _atomic_save(obj: Any, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
 
     def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", horizon: int) -> dict[str, float]:
         """Validation metrics of the horizon-``horizon`` average through the private copy (first val loader)."""

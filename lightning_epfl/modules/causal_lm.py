@@ -18,6 +18,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_epfl.utilities import step_scheduler_config
+
 DEFAULT_LLAMA_CONFIG: dict[str, Any] = {
     "model_type": "llama",
     "hidden_size": 128,
@@ -208,9 +210,7 @@ class CausalLMModule(LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(p for p in self.parameters() if p.requires_grad)
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        return step_scheduler_config(optimizer, None if self.lr_scheduler is None else self.lr_scheduler(optimizer))
 
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -21,6 +21,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from lightning_epfl.utilities import step_scheduler_config
+
 
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
@@ -84,9 +86,7 @@ class ClientModule(LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
-        if self.lr_scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+        return step_scheduler_config(optimizer, None if self.lr_scheduler is None else self.lr_scheduler(optimizer))
 
 
 class MLPClassifier(ClientModule):

@@ -25,12 +25,12 @@ from lightning_epfl.datamodules.few_shot import TaskBatch
 from lightning_epfl.functional.meta import (
     adapt_and_predict,
     batched_task_grad,
-    maml_task_grad,
     resolve_loss,
     task_grad_fn,
     task_loss,
     tree_norm,
 )
+from lightning_epfl.utilities import step_scheduler_config
 
 __all__ = ["MLP", "MetaLearningModule"]
 
@@ -289,10 +289,9 @@ class MetaLearningModule(LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.net.parameters() if p.requires_grad])
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return step_scheduler_config(
+            optimizer, None if self.lr_scheduler_factory is None else self.lr_scheduler_factory(optimizer)
+        )
 
     @override
     def on_fit_start(self) -> None:
@@ -337,20 +336,7 @@ class MetaLearningModule(LightningModule):
         return stats["query_loss_post"]
 
     def _log_monitor(self, batch: TaskBatch) -> None:
-        params, frozen = self._split_params()
-        exact, stats = batched_task_grad(
-            maml_task_grad,
-            self.net,
-            params,
-            frozen,
-            batch.support_x,
-            batch.support_y,
-            batch.query_x,
-            batch.query_y,
-            chunk_size=self.hparams.task_chunk_size,
-            randomness=self.hparams.vmap_randomness,
-            **self._common(),
-        )
+        exact, stats = self.meta_gradient(batch, algorithm="maml")
         exact_norm = tree_norm(exact)
         if self.hparams.algorithm == "maml":
             rel = torch.zeros_like(exact_norm)

@@ -38,6 +38,7 @@ from lightning_epfl.strategies.collaborative.communicator import (
     TorchDistributedCommunicator,
 )
 from lightning_epfl.strategies.collaborative.stack import ClientStack
+from lightning_epfl.utilities import atomic_write
 
 ELEMENTWISE_OPTIMIZERS = (
     torch.optim.SGD,
@@ -504,9 +505,9 @@ class CollaborativeStrategy(DDPStrategy):
         if "://" in path:  # remote filesystems: no rename
             self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
             return
-        tmp = f"{path}.tmp{os.getpid()}"
-        self.checkpoint_io.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
-        os.replace(tmp, path)
+        atomic_write(
+            path, lambda tmp: self.checkpoint_io.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
+        )
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
