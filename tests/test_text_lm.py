@@ -101,6 +101,7 @@ def test_text_local_hf_tokenizer(tmp_path):
         ({"batch_size": 0}, "batch_size"),
         ({"val_fraction": 0.0}, "val_fraction"),
         ({"test_fraction": 0.95}, "test_fraction"),
+        ({"tokenizer_path": "no-such-model-name"}, "tokenizer_path.*smollm2-135m-instruct"),
     ],
 )
 def test_text_bad_input(kwargs, match):

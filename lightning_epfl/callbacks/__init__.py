@@ -1,4 +1,5 @@
-"""Lightning callbacks: Cooldown, WindowedSWA, FeatureRankMonitor, CollaborationMatrixLogger."""
+"""Lightning callbacks: Cooldown, WindowedSWA, FeatureRankMonitor, CollaborationMatrixLogger, ValidateAtStart,
+SavePretrained."""
 
 from lightning_epfl.callbacks.collaboration_matrix import (
     CollaborationMatrixLogger,
@@ -7,6 +8,8 @@ from lightning_epfl.callbacks.collaboration_matrix import (
 )
 from lightning_epfl.callbacks.cooldown import Cooldown
 from lightning_epfl.callbacks.feature_rank import FeatureRankMonitor
+from lightning_epfl.callbacks.save_pretrained import SavePretrained
+from lightning_epfl.callbacks.validate_at_start import ValidateAtStart
 from lightning_epfl.callbacks.windowed_swa import WindowedSWA
 
 __all__ = [
@@ -15,5 +18,7 @@ __all__ = [
     "FeatureRankMonitor",
     "plot_collaboration_matrix",
     "plot_matrix_history",
+    "SavePretrained",
+    "ValidateAtStart",
     "WindowedSWA",
 ]

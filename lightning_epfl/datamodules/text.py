@@ -9,8 +9,10 @@ Packs documents into fixed-length token blocks for next-token prediction. Source
 * a Hugging Face ``datasets`` dataset from local files (``dataset_path``: a ``save_to_disk`` folder, or
   ``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet`` files).
 
-Tokenization is byte-level by default (UTF-8 bytes, vocabulary 256), or any tokenizer saved in a local folder
-(``tokenizer_path``, loaded with ``AutoTokenizer.from_pretrained(path, local_files_only=True)``).
+Tokenization is byte-level by default (UTF-8 bytes, vocabulary 256), or the tokenizer of a pretrained model
+(``tokenizer_path``: a local folder, a ``.gguf`` file or a packaged model name such as ``"smollm2-135m-instruct"``,
+resolved by :func:`lightning_epfl.models.resolve_pretrained` and loaded with
+``AutoTokenizer.from_pretrained(folder, local_files_only=True)``).
 """
 
 from __future__ import annotations
@@ -60,22 +62,28 @@ class ByteTokenizer:
 
 
 def load_tokenizer(path: str | None) -> Any:
-    """Load a tokenizer from a local folder.
+    """Load the byte tokenizer or the tokenizer of a pretrained model.
 
     Args:
         path: ``None`` for the byte tokenizer; a folder written by ``CausalLMModule.save_pretrained`` with a byte
-            tokenizer description; or a folder holding a Hugging Face tokenizer.
+            tokenizer description; a folder holding a Hugging Face tokenizer; a ``.gguf`` file or a packaged model
+            name (:func:`lightning_epfl.models.resolve_pretrained`).
 
     Returns:
         A :class:`ByteTokenizer` or a ``transformers`` tokenizer.
 
     Raises:
-        ValueError: If ``path`` does not exist or holds no tokenizer.
+        ValueError: If ``path`` cannot be resolved or holds no tokenizer.
+        ModuleNotFoundError: If a packaged model or GGUF support is not installed (the message gives the command).
     """
     if path is None:
         return ByteTokenizer()
-    if not os.path.isdir(path):
-        raise ValueError(f"`tokenizer_path` must be an existing local folder, got {path!r}.")
+    from lightning_epfl.models import resolve_pretrained
+
+    try:
+        path = str(resolve_pretrained(path, "tokenizer_path"))
+    except FileNotFoundError as err:
+        raise ValueError(str(err)) from err
     description = os.path.join(path, TOKENIZER_DESCRIPTION_FILE)
     if os.path.isfile(description):
         with open(description) as f:
@@ -216,7 +224,9 @@ class TextDataModule(LightningDataModule):
         dataset_path: A local Hugging Face dataset: a ``save_to_disk`` folder, or data files
             (``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet``). Mutually exclusive with ``paths``.
         text_column: Column of ``dataset_path`` that holds the text.
-        tokenizer_path: Local tokenizer folder; ``None`` for byte-level tokens (vocabulary 256).
+        tokenizer_path: The tokenizer of a pretrained model: a local folder, a ``.gguf`` file or a packaged model name
+            (``"smollm2-135m-instruct"``); the same value as the model's ``pretrained_path`` gives the model's own
+            tokenizer. ``None`` (default) for byte-level tokens (vocabulary 256). Loaded on first use.
         block_size: Tokens per training sequence.
         batch_size: Sequences per batch.
         val_fraction: Fraction of the characters held out for validation, in ``(0, 1)``.
@@ -227,13 +237,13 @@ class TextDataModule(LightningDataModule):
 
     Attributes:
         vocab_size: Vocabulary size of the tokenizer (256 for bytes); read by ``CausalLMModule``.
-        tokenizer: The tokenizer object (available after ``__init__``).
+        tokenizer: The tokenizer object (loaded, and a GGUF source converted, on first access).
 
     Raises:
         MisconfigurationException: In ``__init__`` if a path does not exist, both ``paths`` and ``dataset_path``
             are given, a fraction is out of range, ``block_size``/``batch_size`` is not positive, or
-            ``tokenizer_path`` is not a tokenizer folder; in ``setup`` if a split is shorter than one block
-            (``block_size`` larger than the corpus) or no text was found.
+            ``tokenizer_path`` cannot be resolved (unknown name, missing path, missing package); in ``setup`` if a
+            split is shorter than one block (``block_size`` larger than the corpus) or no text was found.
     """
 
     def __init__(
@@ -270,11 +280,15 @@ class TextDataModule(LightningDataModule):
             raise MisconfigurationException(
                 f"`test_fraction` must be in [0, 1) with `val_fraction + test_fraction < 1`, got {test_fraction}."
             )
-        try:
-            self.tokenizer = load_tokenizer(tokenizer_path)
-        except ValueError as err:
-            raise MisconfigurationException(str(err)) from err
+        if tokenizer_path is not None:
+            from lightning_epfl.models import check_pretrained
+
+            try:
+                check_pretrained(tokenizer_path, "tokenizer_path")
+            except (ValueError, OSError, ImportError) as err:
+                raise MisconfigurationException(str(err)) from err
         self.save_hyperparameters()
+        self._tokenizer: Any = None
         self.paths = paths
         self.dataset_path = dataset_path
         self.text_column = text_column
@@ -287,6 +301,16 @@ class TextDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.datasets: dict[str, TokenBlocks] = {}
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (:class:`ByteTokenizer` or a ``transformers`` tokenizer), loaded on first access."""
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = load_tokenizer(self.tokenizer_path)
+            except (ValueError, ImportError) as err:
+                raise MisconfigurationException(str(err)) from err
+        return self._tokenizer
 
     @property
     def vocab_size(self) -> int:

@@ -18,6 +18,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_epfl.models import check_pretrained, resolve_pretrained
 from lightning_epfl.utilities import step_scheduler_config
 
 DEFAULT_LLAMA_CONFIG: dict[str, Any] = {
@@ -32,6 +33,25 @@ DEFAULT_LLAMA_CONFIG: dict[str, Any] = {
     "rms_norm_eps": 1e-5,
 }
 """Defaults of the small Llama that ``CausalLMModule`` builds; ``config`` entries override them."""
+
+
+def check_same_tokenizer(tokenizer: Any, folder: str, pretrained_path: str) -> None:
+    """Raise ``MisconfigurationException`` unless ``tokenizer`` is the one saved with the model in ``folder``.
+
+    A byte-level datamodule feeding a model with a subword vocabulary (or the reverse) trains on meaningless ids
+    without any error, so the two are compared before training: same kind, and equal vocabularies.
+    """
+    from lightning_epfl.datamodules.text import ByteTokenizer, load_tokenizer
+
+    own = load_tokenizer(folder)
+    hint = (
+        f"the datamodule's tokenizer is not the one of `pretrained_path` ({pretrained_path!r}); set "
+        f"`data.init_args.tokenizer_path: {pretrained_path}` (TextDataModule(tokenizer_path=...))."
+    )
+    if isinstance(own, ByteTokenizer) != isinstance(tokenizer, ByteTokenizer):
+        raise MisconfigurationException("CausalLMModule: " + hint)
+    if not isinstance(own, ByteTokenizer) and own.get_vocab() != tokenizer.get_vocab():
+        raise MisconfigurationException("CausalLMModule: " + hint)
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -52,7 +72,10 @@ class CausalLMModule(LightningModule):
         config: Overrides of :data:`DEFAULT_LLAMA_CONFIG` (any ``transformers`` config field, ``model_type`` to pick
             another architecture). ``vocab_size`` defaults to the datamodule's. Mutually exclusive with
             ``pretrained_path``.
-        pretrained_path: A local ``transformers`` model folder (``from_pretrained(path, local_files_only=True)``).
+        pretrained_path: A pretrained model: a local ``transformers`` folder, a ``.gguf`` file, or a packaged model
+            name such as ``"smollm2-135m-instruct"`` (resolved by :func:`lightning_epfl.models.resolve_pretrained`,
+            loaded with ``from_pretrained(folder, local_files_only=True)``). The datamodule must use the same
+            tokenizer (``TextDataModule(tokenizer_path=<the same name>)``).
         optimizer: Optimizer factory called with the trainable parameters (default: AdamW, lr 1e-3,
             betas (0.9, 0.95), weight decay 0.1).
         lr_scheduler: Scheduler factory called with the optimizer; stepped once per optimizer step
@@ -62,7 +85,9 @@ class CausalLMModule(LightningModule):
 
     Raises:
         MisconfigurationException: If both ``config`` and ``pretrained_path`` are given, ``pretrained_path`` is not
-            an existing folder, or (in ``configure_model``) no vocabulary size is known.
+            a model folder, a ``.gguf`` file or a packaged model name (or its package is missing; the message gives
+            the install command), or (in ``configure_model``) no vocabulary size is known or the datamodule's
+            tokenizer is not the pretrained model's.
     """
 
     def __init__(
@@ -76,10 +101,11 @@ class CausalLMModule(LightningModule):
         super().__init__()
         if config is not None and pretrained_path is not None:
             raise MisconfigurationException("Give either `config` or `pretrained_path`, not both.")
-        if pretrained_path is not None and not os.path.isdir(pretrained_path):
-            raise MisconfigurationException(
-                f"`pretrained_path` must be an existing local folder, got {pretrained_path!r}."
-            )
+        if pretrained_path is not None:
+            try:
+                check_pretrained(pretrained_path, "pretrained_path")
+            except (ValueError, OSError, ImportError) as err:
+                raise MisconfigurationException(str(err)) from err
         # the optimizer/scheduler factories stay out of the checkpoint so that it loads with `weights_only=True`;
         # LightningCLI records them in config.yaml
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -134,7 +160,11 @@ class CausalLMModule(LightningModule):
             cfg = dict(self._hf_config)
             model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
         elif self.pretrained_path is not None:
-            model = AutoModelForCausalLM.from_pretrained(self.pretrained_path, local_files_only=True)
+            folder = self._resolved_path()
+            if datamodule is not None and hasattr(datamodule, "tokenizer"):
+                check_same_tokenizer(datamodule.tokenizer, folder, self.pretrained_path)
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+            model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage from here on
         else:
             model = AutoModelForCausalLM.from_config(self.build_config(getattr(datamodule, "vocab_size", None)))
         self._hf_config = model.config.to_dict()
@@ -146,13 +176,21 @@ class CausalLMModule(LightningModule):
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
             self._tokenizer = datamodule.tokenizer
 
+    def _resolved_path(self) -> str | None:
+        if self.pretrained_path is None:
+            return None
+        try:
+            return str(resolve_pretrained(self.pretrained_path, "pretrained_path"))
+        except (ValueError, OSError, ImportError) as err:
+            raise MisconfigurationException(str(err)) from err
+
     @property
     def tokenizer(self) -> Any:
         """The tokenizer of the data the model was trained on (byte-level unless a local tokenizer was used)."""
         if self._tokenizer is None:
             from lightning_epfl.datamodules.text import load_tokenizer
 
-            self._tokenizer = load_tokenizer(self.pretrained_path)
+            self._tokenizer = load_tokenizer(self._resolved_path())
         return self._tokenizer
 
     # ------------------------------------------------------------------ steps
