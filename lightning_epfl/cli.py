@@ -2,17 +2,30 @@
 
 Every component of the package is importable by ``class_path`` (``lightning_epfl.callbacks.WindowedSWA``,
 ``lightning_epfl.modules.CausalLMModule``, ...), so a YAML file can compose any of them.
+
+Before a subcommand runs (before any process starts and before any log folder or checkpoint is written), the CLI
+checks ``--ckpt_path`` and calls ``check_config(trainer, pl_module)`` of every component that has one
+(:func:`lightning_epfl.utilities.check_before_run`). The console script prints an error as one line, the
+component's own message, and exits with status 1; ``--traceback`` (or ``LIGHTNING_EPFL_TRACEBACK=1``) shows the
+full traceback instead.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import ArgsType, LightningCLI, LRSchedulerTypeUnion
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_epfl.utilities import step_scheduler_config
+from lightning_epfl.utilities import check_before_run, check_checkpoint_path, step_scheduler_config
+
+TRACEBACK_FLAG = "--traceback"
+TRACEBACK_ENV = "LIGHTNING_EPFL_TRACEBACK"
 
 
 class EPFLCLI(LightningCLI):
@@ -30,6 +43,32 @@ class EPFLCLI(LightningCLI):
         lr_scheduler: LRSchedulerTypeUnion | None = None,
     ) -> Any:
         return step_scheduler_config(optimizer, lr_scheduler)
+
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        """Parse, then check ``--ckpt_path`` before LightningCLI reads hyperparameters from it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_path(self.config[subcommand].get("ckpt_path"))
+
+    def _check_before_run(self) -> None:
+        check_before_run(self.trainer, self.model, self.datamodule)
+
+    def before_fit(self) -> None:
+        """Checks before ``fit``: the checkpoint to resume from, and every component's ``check_config``."""
+        self._check_before_run()
+
+    def before_validate(self) -> None:
+        """Checks before ``validate`` (as :meth:`before_fit`)."""
+        self._check_before_run()
+
+    def before_test(self) -> None:
+        """Checks before ``test`` (as :meth:`before_fit`)."""
+        self._check_before_run()
+
+    def before_predict(self) -> None:
+        """Checks before ``predict`` (as :meth:`before_fit`)."""
+        self._check_before_run()
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> EPFLCLI:
@@ -56,9 +95,50 @@ def cli_main(args: ArgsType = None, run: bool = True) -> EPFLCLI:
     )
 
 
-def main() -> None:
-    """Console-script entry point (``lightning-epfl``): run the CLI on ``sys.argv``."""
-    cli_main()
+def error_message(err: BaseException) -> str:
+    """The message a user should read for ``err``: the component's own message, not the parser's wrapper.
+
+    jsonargparse wraps a constructor's exception in "Does not validate against any of the Union subtypes ..." with
+    a dump of the configuration; the constructor's exception is in the ``__cause__`` chain. The first
+    ``MisconfigurationException`` in the chain wins; otherwise a wrapped parser error gives its root cause.
+    """
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    chosen = next((e for e in chain if isinstance(e, MisconfigurationException)), None)
+    if chosen is None:
+        wrapped = str(err).startswith(("Does not validate against", "Problem with given class_path"))
+        chosen = chain[-1] if wrapped else err
+    text = " ".join(str(chosen).split()) or type(chosen).__name__
+    if isinstance(chosen, MisconfigurationException):
+        return text
+    return f"{type(chosen).__name__}: {text}"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``lightning-epfl``): run the CLI on ``argv`` (default ``sys.argv[1:]``).
+
+    An error ends the process with status 1 and the component's message as the last line on stderr; with
+    ``--traceback`` anywhere in the arguments, or ``LIGHTNING_EPFL_TRACEBACK=1``, the exception propagates with its
+    traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = TRACEBACK_FLAG in args or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    args = [a for a in args if a != TRACEBACK_FLAG]
+    if show_traceback:
+        cli_main(args)
+        return
+    try:
+        cli_main(args)
+    except KeyboardInterrupt:
+        print("lightning-epfl: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as err:  # noqa: BLE001 - every error becomes one readable line; --traceback shows the rest
+        print(f"(run with {TRACEBACK_FLAG} for the full traceback)", file=sys.stderr)
+        print(f"lightning-epfl: error: {error_message(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

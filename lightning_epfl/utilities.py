@@ -60,14 +60,87 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> str:
 
 
 def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> str:
-    """Save a matplotlib figure through :func:`atomic_write` (format from the extension, default PNG) and close it."""
-    import matplotlib.pyplot as plt
+    """Save a matplotlib figure through :func:`atomic_write` (format from the extension, default PNG) and close it.
 
+    Figures made with ``matplotlib.figure.Figure()`` (no pyplot, no backend switch) are saved as they are; figures
+    made by pyplot are also closed in pyplot.
+    """
     fmt = os.path.splitext(os.fspath(path))[1].lstrip(".") or "png"
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))
     finally:
-        plt.close(fig)
+        if getattr(fig.canvas, "manager", None) is not None:  # created by pyplot: release it there
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
+
+
+def new_figure(figsize: tuple[float, float] = (6.4, 4.8)) -> Any:
+    """A matplotlib ``Figure`` that is not registered with pyplot: drawing it never changes the user's backend."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
+
+
+_SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint_path(ckpt_path: str | os.PathLike | None, argument: str = "ckpt_path") -> None:
+    """Check that a checkpoint to resume from exists and is a complete PyTorch checkpoint, without loading it.
+
+    Lightning's special values (``"last"``, ``"best"``, ``"hpc"``, ``"registry..."``) and remote URLs pass unchecked.
+    The file is opened with ``torch.load(..., mmap=True, weights_only=True)``: the structure is read, the tensors
+    are only mapped.
+
+    Raises:
+        MisconfigurationException: If the file does not exist, is truncated, or is not a checkpoint; the message
+            names the argument and the path.
+    """
+    if ckpt_path is None:
+        return
+    text = os.fspath(ckpt_path)
+    if text.startswith(_SPECIAL_CKPT_PATHS) or "://" in text:
+        return
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    if not os.path.isfile(text):
+        what = "is a folder, not a checkpoint file" if os.path.isdir(text) else "does not exist"
+        raise MisconfigurationException(f"`{argument}` {text!r} {what}.")
+    import zipfile
+
+    import torch
+
+    if not zipfile.is_zipfile(text):
+        raise MisconfigurationException(
+            f"`{argument}` {text!r} is not a readable checkpoint: the file is truncated or not a PyTorch checkpoint "
+            f"({os.path.getsize(text)} bytes, no valid zip archive). Resume from another checkpoint."
+        )
+    try:
+        torch.load(text, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError ... by cause
+        reason = str(err).split("\n")[0]
+        raise MisconfigurationException(
+            f"`{argument}` {text!r} is not a readable checkpoint ({type(err).__name__}: {reason[:200]}). "
+            "Resume from another checkpoint."
+        ) from err
+
+
+def check_before_run(trainer: Any, pl_module: Any, datamodule: Any = None) -> None:
+    """Call ``check_config(trainer, pl_module)`` of every component that defines it, before anything runs.
+
+    Components (callbacks, the strategy, the module and the datamodule) validate settings that depend on each other
+    or on the trainer (``max_steps``, the number of processes, ...) in a method ``check_config``; they also call it
+    from their own ``setup``. The ``lightning-epfl`` CLI calls this function before the subcommand starts, so a bad
+    combination fails before any process starts or any log folder, checkpoint or export is written.
+
+    Raises:
+        MisconfigurationException: Whatever the first failing component raises.
+    """
+    components = [*getattr(trainer, "callbacks", []), getattr(trainer, "strategy", None), pl_module, datamodule]
+    for component in components:
+        check = getattr(component, "check_config", None)
+        if callable(check):
+            check(trainer, pl_module)
 
 
 def step_scheduler_config(optimizer: torch.optim.Optimizer, lr_scheduler: Any | None) -> Any:

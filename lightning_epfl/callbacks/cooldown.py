@@ -9,6 +9,7 @@ WSD scheduler cools down over the last part of the new run (Hägele et al., arXi
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -18,6 +19,22 @@ from typing_extensions import override
 from lightning_epfl.functional.schedules import _SHAPES, CooldownShape, WSDScheduler, resolve_cooldown
 
 __all__ = ["Cooldown"]
+
+
+def _planned_warmup_steps(pl_module: "pl.LightningModule") -> int | None:
+    """Warmup of the ``WSDScheduler`` the module's ``lr_scheduler`` factory builds, or ``None`` if it builds another.
+
+    Modules of this package take the scheduler as a factory (``LRSchedulerCallable``); it is called here on a
+    throw-away one-parameter optimizer, so the check needs neither the model's weights nor its optimizer.
+    """
+    factory = getattr(pl_module, "lr_scheduler", None)
+    if factory is None or not callable(factory) or isinstance(factory, torch.optim.lr_scheduler.LRScheduler):
+        return None
+    try:
+        sched = factory(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+    except Exception:  # noqa: BLE001 - a factory that needs the real optimizer is checked when training starts
+        return None
+    return sched.warmup_steps if isinstance(sched, WSDScheduler) else None
 
 
 class Cooldown(Callback):
@@ -77,25 +94,98 @@ class Cooldown(Callback):
         self._loaded: tuple[int, int] | None = None
         self._installed: list[WSDScheduler] = []
 
+    def check_config(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Check the cooldown against ``trainer.max_steps`` and the module's warmup, before anything runs.
+
+        Called from :meth:`setup` and, by the ``lightning-epfl`` CLI, before the run starts (before any process,
+        log folder or checkpoint is created). The module's warmup is read from a ``WSDScheduler`` built by its
+        ``lr_scheduler`` factory on a throw-away optimizer.
+
+        Raises:
+            MisconfigurationException: If ``max_steps`` is unset, the cooldown does not fit in it, or it would start
+                inside the warmup; the message names every setting involved and a value that works.
+        """
+        if trainer.fast_dev_run:
+            return
+        total = trainer.max_steps
+        if total is None or total < 1:
+            raise MisconfigurationException(
+                f"Cooldown needs `trainer.max_steps` >= 1 to place the cooldown, got max_steps={total}; set "
+                "`trainer.max_steps` (e.g. --trainer.max_steps 1000)."
+            )
+        try:
+            start, length = resolve_cooldown(
+                total,
+                cooldown_fraction=self.cooldown_fraction,
+                cooldown_steps=self.cooldown_steps,
+                cooldown_start=self.cooldown_start,
+            )
+        except ValueError as err:
+            raise MisconfigurationException(
+                f"Cooldown with `trainer.max_steps`={total}: {err} Raise `trainer.max_steps` or lower the cooldown "
+                "(`cooldown_steps`/`cooldown_start` of the Cooldown callback)."
+            ) from err
+        warmup = _planned_warmup_steps(pl_module)
+        if warmup is not None and start < warmup:
+            raise MisconfigurationException(
+                f"Cooldown: the cooldown would start at step {start} ({self._describe(total, length)}), inside the "
+                f"warmup of {warmup} steps (the module's WSDScheduler `warmup_steps`={warmup}). Fix it with any of: "
+                + "; ".join(self._fixes(total, start, warmup))
+                + "."
+            )
+
+    def _describe(self, total: int, length: int) -> str:
+        if self.cooldown_start is not None:
+            return f"`cooldown_start`={self.cooldown_start}"
+        if self.cooldown_steps is not None:
+            return f"`trainer.max_steps`={total} - `cooldown_steps`={length}"
+        return f"`trainer.max_steps`={total} x (1 - `cooldown_fraction`={self.cooldown_fraction}), {length} steps"
+
+    def _min_total_steps(self, warmup: int) -> int:
+        if self.cooldown_start is not None:
+            return max(warmup, self.cooldown_start) + (self.cooldown_steps or 0)
+        total = max(warmup, 1)
+        while True:
+            try:
+                start, _ = resolve_cooldown(
+                    total, cooldown_fraction=self.cooldown_fraction, cooldown_steps=self.cooldown_steps
+                )
+            except ValueError:
+                start = -1
+            if start >= warmup:
+                return total
+            total += 1
+
+    def _fixes(self, total: int, start: int, warmup: int) -> list[str]:
+        fixes = [f"`trainer.max_steps` >= {self._min_total_steps(warmup)}"]
+        fixes.append(f"`warmup_steps` <= {start} (model.init_args.lr_scheduler.init_args.warmup_steps)")
+        room = max(total - warmup, 0)
+        if self.cooldown_start is not None:
+            fixes.append(f"`cooldown_start` >= {warmup} (Cooldown callback)")
+        elif room > 0 and self.cooldown_steps is not None:
+            fixes.append(f"`cooldown_steps` <= {room} (Cooldown callback)")
+        elif room > 0 and int(room / total * 1000) > 0:
+            fixes.append(f"`cooldown_fraction` <= {int(room / total * 1000) / 1000:.3f} (Cooldown callback)")
+        return fixes
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            self.check_config(trainer, pl_module)
+
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         total = trainer.max_steps
         # fast_dev_run caps max_steps at a few batches: a cooldown over them is meaningless (it would overlap the
         # warmup), so only the scheduler checks below run and the cooldown is not placed.
         if not trainer.fast_dev_run:
-            if total is None or total < 1:
-                raise MisconfigurationException(
-                    f"Cooldown needs `Trainer(max_steps=...)` >= 1 to place the cooldown, got max_steps={total}."
-                )
-            try:
-                self.start, self.length = resolve_cooldown(
-                    total,
-                    cooldown_fraction=self.cooldown_fraction,
-                    cooldown_steps=self.cooldown_steps,
-                    cooldown_start=self.cooldown_start,
-                )
-            except ValueError as err:
-                raise MisconfigurationException(f"Cooldown with max_steps={total}: {err}") from err
+            self.check_config(trainer, pl_module)
+            self.start, self.length = resolve_cooldown(
+                total,
+                cooldown_fraction=self.cooldown_fraction,
+                cooldown_steps=self.cooldown_steps,
+                cooldown_start=self.cooldown_start,
+            )
         configs = trainer.lr_scheduler_configs
         for config in configs:
             sched = config.scheduler
@@ -133,8 +223,7 @@ class Cooldown(Callback):
             sched = config.scheduler
             assert isinstance(sched, WSDScheduler)
             if any(sched is s for s in self._installed):
-                sched.last_epoch = step
-                sched._step_count = step + 1
+                sched.resume_at(step)
             elif sched.last_epoch != step:
                 raise MisconfigurationException(
                     f"WSDScheduler is at step {sched.last_epoch} but the trainer at global_step {step}; Cooldown "

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, default_collate
 from typing_extensions import override
 
+from lightning_epfl._lightning_compat import fit_val_dataloaders
 from lightning_epfl.functional.rank import METRICS, spectral_metrics
 from lightning_epfl.utilities import save_figure
 
@@ -368,12 +369,8 @@ class FeatureRankMonitor(Callback):
         self._probe_all_ranks = "FSDP" in name or "DeepSpeed" in name
 
     def _probe_dataset(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        loop_source = (
-            trainer.fit_loop._data_source
-            if self.probe == "train"
-            else trainer.fit_loop.epoch_loop.val_loop._data_source
-        )
-        loaders = loop_source.dataloader() if loop_source.is_defined() else None
+        # the fit loop's own loaders: the train loader is set up before `on_train_start`, validation lazily
+        loaders = trainer.train_dataloader if self.probe == "train" else fit_val_dataloaders(trainer)
         if loaders is None:
             raise MisconfigurationException(
                 f"FeatureRankMonitor(probe={self.probe!r}) found no {self.probe} dataloader; pass one, use "
@@ -416,8 +413,6 @@ class FeatureRankMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layer_names = self.select_layers(pl_module)
-        if not self._user_probe:
-            self._build_probe(trainer, pl_module)
 
     def should_probe(self, trainer: pl.Trainer) -> bool:
         """Whether to measure now: ``global_step`` is a multiple of ``every_n_steps`` and not measured yet."""
@@ -455,6 +450,8 @@ class FeatureRankMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._user_probe:
+            self._build_probe(trainer, pl_module)
         if self.should_probe(trainer):
             self._measure(trainer, pl_module, in_batch_hook=False)
 
@@ -514,17 +511,16 @@ class FeatureRankMonitor(Callback):
         """Write the rank-vs-step figure (one panel per metric, one line per layer, overlay metrics below) to
         ``path`` via a temporary file and ``os.replace``. Returns the path, or ``None`` without matplotlib."""
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            from matplotlib import colormaps
+            from matplotlib.figure import Figure
         except ImportError:  # pragma: no cover
             rank_zero_warn("matplotlib is not installed; FeatureRankMonitor skips its plot.", category=RuntimeWarning)
             return None
         panels = [m for m in self.metrics]
         has_overlay = any(rec["overlay"] for rec in self.history)
         n = len(panels) + int(has_overlay)
-        fig, axes = plt.subplots(n, 1, figsize=(8, 2.6 * n), sharex=True, squeeze=False)
+        fig = Figure(figsize=(8, 2.6 * n))  # not registered with pyplot: the user's backend is left alone
+        axes = fig.subplots(n, 1, sharex=True, squeeze=False)
         axes = axes[:, 0]
         if has_overlay:
             ax = axes[0]
@@ -535,7 +531,7 @@ class FeatureRankMonitor(Callback):
             ax.set_ylabel("logged metrics")
             ax.grid(alpha=0.3)
             ax.legend(loc="best", fontsize=8)
-        cmap = plt.get_cmap("viridis")
+        cmap = colormaps["viridis"]
         for ax, metric in zip(axes[int(has_overlay) :], panels):
             series = self.series(metric)
             for i, (layer, (steps, vals)) in enumerate(series.items()):

@@ -10,21 +10,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_epfl._lightning_compat import run_fit_validation
+
 __all__ = ["ValidateAtStart"]
-
-
-def _run_validation_loop(trainer: "pl.Trainer") -> None:
-    """Run the fit loop's validation loop now, as Lightning does between training batches.
-
-    Lightning has no public hook that validates before training; this drives the fit loop's own validation loop
-    (``trainer.fit_loop.epoch_loop.val_loop``), so logging, callbacks and limits behave as in any validation during
-    fit. Checked against Lightning 2.5 and 2.6 (``pyproject.toml`` pins ``lightning<2.7``).
-    """
-    trainer.validating = True
-    try:
-        trainer.fit_loop.epoch_loop.val_loop.run()
-    finally:
-        trainer.training = True
 
 
 class ValidateAtStart(Callback):
@@ -43,4 +31,4 @@ class ValidateAtStart(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.global_step != 0 or not trainer.enable_validation:
             return
-        _run_validation_loop(trainer)
+        run_fit_validation(trainer)

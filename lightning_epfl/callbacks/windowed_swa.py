@@ -41,38 +41,136 @@ __all__ = ["WindowedSWA"]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class _LogCollector:
-    """Stands in for ``LightningModule.log``/``log_dict`` on the private evaluation copy.
+def _free_path(path: str) -> str:
+    """``path`` if no file has that name, else the first free ``<stem>-<k><ext>`` (with a warning)."""
+    if not os.path.exists(path):
+        return path
+    stem, ext = os.path.splitext(path)
+    k = 1
+    while os.path.exists(f"{stem}-{k}{ext}"):
+        k += 1
+    rank_zero_warn(
+        f"WindowedSWA: {path} exists (an earlier run's export) and is kept; this run writes {stem}-{k}{ext}.",
+        category=RuntimeWarning,
+    )
+    return f"{stem}-{k}{ext}"
 
-    Scalars are averaged with batch-size weights (as Lightning's default ``on_epoch`` mean); torchmetrics objects are
-    computed once at the end of the pass.
+
+_REDUCE_FX = {"mean": "mean", "avg": "mean", "sum": "sum", "max": "max", "min": "min"}
+
+
+def _reduce_name(reduce_fx: Any) -> str:
+    if callable(reduce_fx):
+        reduce_fx = getattr(reduce_fx, "__name__", "")
+    name = _REDUCE_FX.get(str(reduce_fx).lower())
+    if name is None:
+        raise MisconfigurationException(
+            f"WindowedSWA evaluates `self.log(..., reduce_fx=...)` with 'mean', 'sum', 'max' or 'min' (or torch.mean, "
+            f"torch.sum, torch.max, torch.min), got {reduce_fx!r}."
+        )
+    return name
+
+
+class _LogCollector:
+    """Receives the ``log``/``log_dict`` calls of the private evaluation copy and reduces them like Lightning's
+    epoch-level logging: ``reduce_fx`` ``"mean"`` (batch-size weighted), ``"sum"``, ``"max"`` or ``"min"``, combined
+    across processes with the same operation (whatever ``sync_dist`` says, so every process logs the same value);
+    torchmetrics objects are computed once at the end of the pass. A non-scalar tensor raises, as in ``self.log``.
     """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.values: dict[str, float] = {}
         self.weights: dict[str, float] = {}
+        self.ops: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
         self.batch: Any = None
 
-    def log(self, name: str, value: Any, *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+    def log(
+        self,
+        name: str,
+        value: Any,
+        prog_bar: bool = False,
+        logger: bool | None = None,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        reduce_fx: Any = "mean",
+        enable_graph: bool = False,
+        sync_dist: bool = False,
+        sync_dist_group: Any = None,
+        add_dataloader_idx: bool = True,
+        batch_size: int | None = None,
+        metric_attribute: str | None = None,
+        rank_zero_only: bool = False,
+    ) -> None:
         if hasattr(value, "compute") and hasattr(value, "reset"):  # a torchmetrics Metric
             self.metrics[name] = value
             return
         if isinstance(value, Tensor):
             if value.numel() != 1:
-                return
+                raise ValueError(
+                    f"`self.log({name!r}, value)` needs a scalar, got a tensor of shape {tuple(value.shape)} "
+                    "(WindowedSWA evaluates what the module logs during validation)."
+                )
             value = value.detach().float().item()
-        if batch_size is None:
-            try:
-                batch_size = extract_batch_size(self.batch) if self.batch is not None else 1
-            except Exception:  # noqa: BLE001 - any batch structure Lightning itself cannot size counts as 1
-                batch_size = 1
-        self.sums[name] = self.sums.get(name, 0.0) + float(value) * batch_size
-        self.weights[name] = self.weights.get(name, 0.0) + float(batch_size)
+        op = _reduce_name(reduce_fx)
+        if self.ops.setdefault(name, op) != op:
+            raise ValueError(f"`{name}` is logged with reduce_fx {op!r} and {self.ops[name]!r} in one epoch.")
+        if op == "mean":
+            if batch_size is None:
+                try:
+                    batch_size = extract_batch_size(self.batch) if self.batch is not None else 1
+                except Exception:  # noqa: BLE001 - any batch structure Lightning itself cannot size counts as 1
+                    batch_size = 1
+            self.values[name] = self.values.get(name, 0.0) + float(value) * batch_size
+            self.weights[name] = self.weights.get(name, 0.0) + float(batch_size)
+        elif op == "sum":
+            self.values[name] = self.values.get(name, 0.0) + float(value)
+        else:
+            pick = max if op == "max" else min
+            self.values[name] = pick(self.values.get(name, float(value)), float(value))
 
-    def log_dict(self, dictionary: Mapping[str, Any], *args: Any, batch_size: int | None = None, **kwargs: Any) -> None:
+    def log_dict(
+        self,
+        dictionary: Mapping[str, Any],
+        prog_bar: bool = False,
+        logger: bool | None = None,
+        on_step: bool | None = None,
+        on_epoch: bool | None = None,
+        reduce_fx: Any = "mean",
+        enable_graph: bool = False,
+        sync_dist: bool = False,
+        sync_dist_group: Any = None,
+        add_dataloader_idx: bool = True,
+        batch_size: int | None = None,
+        rank_zero_only: bool = False,
+    ) -> None:
         for name, value in dictionary.items():
-            self.log(name, value, batch_size=batch_size)
+            self.log(name, value, reduce_fx=reduce_fx, batch_size=batch_size)
+
+    def reduce(self, strategy: Any, device: torch.device) -> dict[str, float]:
+        """Combine the values of every process (one collective per operation) and return ``{key: value}``."""
+        out: dict[str, float] = {}
+        for op in ("mean", "sum", "max", "min"):
+            keys = sorted(k for k, o in self.ops.items() if o == op)
+            if not keys:
+                continue
+            rows = [[self.values[k], self.weights.get(k, 1.0)] for k in keys]
+            packed = torch.tensor(rows, dtype=torch.float64, device=device)
+            if op in ("mean", "sum"):
+                packed = strategy.reduce(packed, reduce_op="sum")
+            else:
+                gathered = strategy.all_gather(packed)
+                if gathered.dim() == 3:
+                    packed = gathered.amax(0) if op == "max" else gathered.amin(0)
+            for k, (v, w) in zip(keys, packed.tolist()):
+                if op != "mean":
+                    out[k] = v
+                elif w > 0:
+                    out[k] = v / w
+        for name, metric in self.metrics.items():
+            out[name] = float(metric.compute())
+            metric.reset()
+        return out
 
 
 class WindowedSWA(Callback):
@@ -91,23 +189,31 @@ class WindowedSWA(Callback):
     plus ``swa/windows``. Nothing is logged before the first window closes. The pass runs under
     ``torch.random.fork_rng``, so raw training is bitwise unchanged.
 
+    State: the running mean and the closed windows are part of the callback's ``state_dict``, so every checkpoint
+    holds exactly the averages it was saved with, wherever it is loaded from, and no later run (a resumed or
+    branched one) can change them. At the end of training the average of every horizon is also exported to
+    ``save_dir`` as ``swa_average_h<j>.pt`` (a ``state_dict`` in ``dtype``); an existing file is never replaced.
+
     Memory: a copy of the module (for evaluation) + one accumulator + ``keep_windows`` closed windows, each the size of
-    the averaged tensors in ``dtype``.
+    the averaged tensors in ``dtype``; checkpoints grow by the same ``keep_windows + 1`` copies.
 
     Args:
         window_steps: Window length ``H`` in optimizer steps. Default 500 (the paper's).
         every_n_steps: Snapshot period ``k`` in optimizer steps; must divide ``window_steps``. Default 5.
         start_step: Snapshots are taken only at steps ``> start_step``. Default 0.
-        keep_windows: Closed windows kept in memory (and in checkpoints). Default 5.
+        keep_windows: Closed windows kept in memory (and in checkpoints). Default ``None``: ``max(horizons)``, the
+            fewest the horizons need.
         horizons: Horizons (in windows) to evaluate, each in ``[1, keep_windows]``. Default ``[1]``.
         evaluate: Evaluate the averages after each validation epoch. Default ``True``.
         use_buffers: Also average floating-point buffers (BatchNorm statistics); other buffers take the latest
             value. Default ``True``.
         dtype: Accumulator dtype, ``"float32"`` (default) or ``"float64"``.
         device: Device of the accumulators and windows (e.g. ``"cpu"`` to spare GPU memory); default the module's.
-        save_dir: If set, each closed window is written there (temp file + rename) and checkpoints hold only the
-            file names; at the end of training the average of every horizon is written as
-            ``swa_average_h<j>.pt``.
+        save_dir: Folder of the exported averages ``swa_average_h<j>.pt``, written at the end of training (temporary
+            file + rename). Default ``None``: ``swa/`` inside the run's log folder (``trainer.log_dir``, i.e. the
+            logger's version folder; ``trainer.default_root_dir`` without a logger), so each run, a branched one
+            included, writes its own folder. A name already taken gets a numeric suffix (``swa_average_h1-1.pt``)
+            with a warning: earlier exports are never overwritten.
         apply_at_end: Load the average of ``horizons[0]`` into the module when training ends. Default ``False``
             (the module keeps its raw, e.g. cooled-down, weights).
         log_suffix: Suffix of the averaged-model metric keys. Default ``"_swa"``.
@@ -127,7 +233,7 @@ class WindowedSWA(Callback):
         window_steps: int = 500,
         every_n_steps: int = 5,
         start_step: int = 0,
-        keep_windows: int = 5,
+        keep_windows: int | None = None,
         horizons: list[int] = [1],  # noqa: B006 - the spec'd signature; copied below, never mutated
         evaluate: bool = True,
         use_buffers: bool = True,
@@ -147,10 +253,18 @@ class WindowedSWA(Callback):
             )
         if start_step < 0:
             raise MisconfigurationException(f"`start_step` must be >= 0, got {start_step}.")
-        if keep_windows < 1:
-            raise MisconfigurationException(f"`keep_windows` must be >= 1, got {keep_windows}.")
         horizons = list(horizons)
-        if not horizons or any(int(j) != j or not 1 <= j <= keep_windows for j in horizons):
+        if not horizons or any(not isinstance(j, int) or isinstance(j, bool) or j < 1 for j in horizons):
+            raise MisconfigurationException(
+                f"`horizons` must be a non-empty list of integers >= 1 (e.g. [1, 2]), got {horizons}."
+            )
+        if keep_windows is None:
+            keep_windows = max(horizons)
+        if keep_windows < 1:
+            raise MisconfigurationException(
+                f"`keep_windows` must be >= 1 (or None for max(horizons)), got {keep_windows}."
+            )
+        if any(j > keep_windows for j in horizons):
             raise MisconfigurationException(
                 f"`horizons` must be a non-empty list of integers in [1, keep_windows={keep_windows}], got {horizons}."
             )
@@ -184,6 +298,8 @@ class WindowedSWA(Callback):
         self._eval_module: pl.LightningModule | None = None
         self._acc_device: torch.device = torch.device("cpu")
         self._restored_mean: dict[str, Tensor] | None = None
+        self.exported: dict[int, str] = {}
+        """Files written by the last ``fit`` at the end of training, by horizon."""
 
     @property
     @override
@@ -191,6 +307,12 @@ class WindowedSWA(Callback):
         return self._generate_state_key(window_steps=self.window_steps, every_n_steps=self.every_n_steps)
 
     # ------------------------------------------------------------------ public API
+    def resolve_save_dir(self, trainer: "pl.Trainer") -> str:
+        """The folder this run exports to: ``save_dir``, or ``swa/`` in the run's log folder."""
+        if self.save_dir is not None:
+            return self.save_dir
+        return os.path.join(trainer.log_dir or trainer.default_root_dir, "swa")
+
     @property
     def num_closed_windows(self) -> int:
         """Closed windows currently kept (at most ``keep_windows``)."""
@@ -239,15 +361,19 @@ class WindowedSWA(Callback):
             pl_module.load_state_dict(backup)
 
     # ------------------------------------------------------------------ hooks
-    @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def check_config(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Refuse strategies that shard the model; called from :meth:`setup` and by the CLI before the run."""
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
         if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
             raise MisconfigurationException(
                 f"WindowedSWA does not support sharded models ({type(trainer.strategy).__name__}); use a DDP or "
-                "single-device strategy."
+                "single-device strategy (`trainer.strategy`)."
             )
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self.check_config(trainer, pl_module)
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -311,9 +437,12 @@ class WindowedSWA(Callback):
                     "WindowedSWA: no window closed, the module keeps its raw weights.", category=RuntimeWarning
                 )
             return
-        if self.save_dir is not None and trainer.is_global_zero:
+        if trainer.is_global_zero:
+            folder = self.resolve_save_dir(trainer)
+            self.exported = {}
             for j in self.horizons:
-                atomic_torch_save(self.average_state_dict(j), os.path.join(self.save_dir, f"swa_average_h{j}.pt"))
+                path = _free_path(os.path.join(folder, f"swa_average_h{j}.pt"))
+                self.exported[j] = atomic_torch_save(self.average_state_dict(j), path)
         if self.apply_at_end:
             pl_module.load_state_dict(self.average_state_dict(self.horizons[0]))
             rank_zero_info(f"WindowedSWA: loaded the horizon-{self.horizons[0]} average into the module.")
@@ -332,14 +461,7 @@ class WindowedSWA(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        closed = []
-        for window in self._closed:
-            entry = {"window": window["window"], "count": window["count"]}
-            if self.save_dir is not None:
-                entry["file"] = window["file"]
-            else:
-                entry["state"] = window["state"]
-            closed.append(entry)
+        closed = [{"window": w["window"], "count": w["count"], "state": w["state"]} for w in self._closed]
         mean = None
         if self._mean is not None and self._count > 0:
             mean = {k: t.clone() for k, t in zip(self._avg_keys, self._mean)}
@@ -372,14 +494,13 @@ class WindowedSWA(Callback):
             window = {"window": entry["window"], "count": entry["count"]}
             if "state" in entry:
                 window["state"] = entry["state"]
-                if self.save_dir is not None:  # re-home the window in this run's save_dir
-                    window["file"] = self._write_window(entry["window"], entry["state"])
-            elif os.path.exists(entry["file"]):
-                window["file"] = entry["file"]
+            elif os.path.exists(entry["file"]):  # checkpoints of versions that kept closed windows in files
                 window["state"] = torch.load(entry["file"], map_location="cpu", weights_only=True)
             else:
                 rank_zero_warn(
-                    f"WindowedSWA: window file {entry['file']} is missing; window dropped.", category=RuntimeWarning
+                    f"WindowedSWA: window file {entry['file']} named by an old-format checkpoint is missing; "
+                    "window dropped.",
+                    category=RuntimeWarning,
                 )
                 continue
             self._closed.append(window)
@@ -404,10 +525,7 @@ class WindowedSWA(Callback):
         assert self._mean is not None and self._window is not None
         state = {k: m.clone() for k, m in zip(self._avg_keys, self._mean)}
         state.update({k: v.clone() for k, v in self._others.items()})
-        window: dict[str, Any] = {"window": self._window, "count": self._count, "state": state}
-        if self.save_dir is not None:
-            window["file"] = self._write_window(self._window, state)
-        self._closed.append(window)
+        self._closed.append({"window": self._window, "count": self._count, "state": state})
         del self._closed[: -self.keep_windows]
         self._count = 0
         self._window = None
@@ -416,12 +534,6 @@ class WindowedSWA(Callback):
         keys = self._avg_keys + self._other_keys
         state = window["state"]
         return {k: state[k] for k in keys} if keys else state
-
-    def _write_window(self, index: int, state: dict[str, Tensor]) -> str:
-        assert self.save_dir is not None
-        path = os.path.join(self.save_dir, f"swa_window_{index:07d}.pt")
-        atomic_torch_save(state, path)
-        return path
 
     def _evaluate(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", horizon: int) -> dict[str, float]:
         """Validation metrics of the horizon-``horizon`` average through the private copy (first val loader)."""
@@ -437,7 +549,7 @@ class WindowedSWA(Callback):
         module.load_state_dict(self.average_state_dict(horizon))
         module.log = collector.log  # type: ignore[method-assign]
         module.log_dict = collector.log_dict  # type: ignore[method-assign]
-        module._trainer = trainer  # shared reference (read-only use by validation_step), detached again below
+        module.trainer = trainer  # shared reference (read-only use by validation_step), detached again below
         cuda = pl_module.device.type == "cuda"
         rng_devices = [pl_module.device.index or 0] if cuda else []
         try:
@@ -456,17 +568,6 @@ class WindowedSWA(Callback):
                 collector.batch = None
                 module.on_validation_epoch_end()
         finally:
-            module._trainer = None
+            module.trainer = None  # type: ignore[assignment]
             del module.log, module.log_dict
-        keys = sorted(collector.sums)
-        out: dict[str, float] = {}
-        if keys:
-            packed = torch.tensor(
-                [[collector.sums[k], collector.weights[k]] for k in keys], dtype=torch.float64, device=pl_module.device
-            )
-            packed = trainer.strategy.reduce(packed, reduce_op="sum")
-            out = {k: float(s / w) for k, (s, w) in zip(keys, packed.tolist()) if w > 0}
-        for name, metric in collector.metrics.items():
-            out[name] = float(metric.compute())
-            metric.reset()
-        return out
+        return collector.reduce(trainer.strategy, pl_module.device)

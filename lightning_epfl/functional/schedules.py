@@ -335,6 +335,20 @@ class WSDScheduler(LRScheduler):
         self.total_steps = start + steps
         self._apply_lr()
 
+    def resume_at(self, step: int) -> None:
+        """Continue the schedule at optimizer step ``step`` (a scheduler created after ``step`` steps were taken).
+
+        Sets the step counters as if :meth:`step` had been called ``step`` times and writes that step's LR into the
+        param groups.
+
+        Raises:
+            ValueError: If ``step`` is negative.
+        """
+        _check_nonneg_int("step", step)
+        self.last_epoch = step
+        self._step_count = step + 1  # LRScheduler's own counter (its order check between optimizer and scheduler)
+        self._apply_lr()
+
     @property
     def phase(self) -> str:
         """Phase of the next optimizer step: ``"warmup"``, ``"stable"``, ``"cooldown"`` or ``"final"``."""
