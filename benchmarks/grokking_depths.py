@@ -45,7 +45,7 @@ def _run_depth(depth: int, steps: int, out: str, seed: int) -> dict:
             f"--seed_everything={seed}",
             f"--model.init_args.depth={depth}",
             f"--trainer.max_steps={steps}",
-            f"--trainer.logger.init_args.save_dir={save_dir}",
+            "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={save_dir}",
             "--trainer.enable_checkpointing=false",
         ]

@@ -4,7 +4,7 @@ Every component of the package is importable by ``class_path`` (``lightning_epfl
 ``lightning_epfl.modules.CausalLMModule``, ...), so a YAML file can compose any of them.
 
 Before a subcommand runs (before any process starts and before any log folder or checkpoint is written), the CLI
-checks ``--ckpt_path`` and calls ``check_config(trainer, pl_module)`` of every component that has one
+checks ``--ckpt_path`` and calls ``check_config(trainer, pl_module, datamodule)`` of every component that has one
 (:func:`lightning_epfl.utilities.check_before_run`). The console script prints an error as one line, the
 component's own message, and exits with status 1; ``--traceback`` (or ``LIGHTNING_EPFL_TRACEBACK=1``) shows the
 full traceback instead.
@@ -108,13 +108,44 @@ def error_message(err: BaseException) -> str:
         chain.append(current)
         current = current.__cause__ or current.__context__
     chosen = next((e for e in chain if isinstance(e, MisconfigurationException)), None)
-    if chosen is None:
-        wrapped = str(err).startswith(("Does not validate against", "Problem with given class_path"))
-        chosen = chain[-1] if wrapped else err
-    text = " ".join(str(chosen).split()) or type(chosen).__name__
-    if isinstance(chosen, MisconfigurationException):
-        return text
-    return f"{type(chosen).__name__}: {text}"
+    if chosen is not None:
+        return " ".join(str(chosen).split())
+    if str(err).startswith(_PARSER_WRAPPERS):
+        own = _component_errors(str(err))
+        if own:
+            return " ".join(own[0].split())
+        chosen = chain[-1]
+    else:
+        chosen = err
+    return f"{type(chosen).__name__}: {' '.join(str(chosen).split())}"
+
+
+_PARSER_WRAPPERS = ("Does not validate against", "Problem with given class_path")
+_PARSER_TYPE_ERRORS = ("Expected a ", "Not a valid subclass", "Type <", "Given value", "Does not validate", "Import ")
+
+
+def _component_errors(text: str) -> list[str]:
+    """The errors listed under "Errors:" in a jsonargparse union message, minus its own type-mismatch notes.
+
+    jsonargparse tries each type of a union and reports every failure; the component's constructor error is the one
+    that is not a parser note ("Expected a <class 'str'>", "Not a valid subclass ...").
+    """
+    if "Errors:" not in text:
+        return []
+    block = text.split("Errors:", 1)[1].split("\nGiven value type:", 1)[0]
+    items: list[str] = []
+    for line in block.splitlines():
+        if line.startswith("  - "):
+            items.append(line[4:])
+        elif items and line.startswith("    "):
+            items[-1] += "\n" + line[4:]
+    found: list[str] = []
+    for item in items:
+        if item.startswith(_PARSER_WRAPPERS):
+            found += _component_errors(item)
+        elif item.startswith("Problem with given class_path") or not item.startswith(_PARSER_TYPE_ERRORS):
+            found.append(item.split(":\n", 1)[-1] if item.startswith("Problem with") else item)
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> None:

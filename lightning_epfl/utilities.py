@@ -126,7 +126,7 @@ def check_checkpoint_path(ckpt_path: str | os.PathLike | None, argument: str = "
 
 
 def check_before_run(trainer: Any, pl_module: Any, datamodule: Any = None) -> None:
-    """Call ``check_config(trainer, pl_module)`` of every component that defines it, before anything runs.
+    """Call ``check_config(trainer, pl_module, datamodule)`` of every component that defines it, before anything runs.
 
     Components (callbacks, the strategy, the module and the datamodule) validate settings that depend on each other
     or on the trainer (``max_steps``, the number of processes, ...) in a method ``check_config``; they also call it
@@ -140,7 +140,7 @@ def check_before_run(trainer: Any, pl_module: Any, datamodule: Any = None) -> No
     for component in components:
         check = getattr(component, "check_config", None)
         if callable(check):
-            check(trainer, pl_module)
+            check(trainer, pl_module, datamodule if datamodule is not None else getattr(trainer, "datamodule", None))
 
 
 def step_scheduler_config(optimizer: torch.optim.Optimizer, lr_scheduler: Any | None) -> Any:

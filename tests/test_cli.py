@@ -72,13 +72,14 @@ def _tiny_main_job(tmp_path, max_steps):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    tr["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
+    assert "logger" not in tr  # outputs follow default_root_dir
     for cb in tr["callbacks"]:
         args = cb.get("init_args", {})
+        assert "save_dir" not in args and "dirpath" not in args
         if cb["class_path"].endswith("WindowedSWA"):
-            args.update(window_steps=4, every_n_steps=2, save_dir=str(tmp_path / "swa"))
+            args.update(window_steps=4, every_n_steps=2)
         if cb["class_path"].endswith("ModelCheckpoint"):
-            args.update(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4)
+            args.update(every_n_train_steps=4)
     cfg["model"]["init_args"]["config"] = {
         "hidden_size": 16,
         "intermediate_size": 32,
@@ -104,9 +105,10 @@ def test_cli_main_job_logs_swa_and_branches_cooldown(tmp_path):
     metrics = cli.trainer.callback_metrics
     assert {"val/loss", "val/ppl", "val/loss_swa"} <= set(metrics)
     assert cli.model.model.config.vocab_size == 256
-    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step=12.ckpt", "step=4.ckpt", "step=8.ckpt"]
+    ckpt_dir = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert sorted(os.listdir(ckpt_dir)) == ["step=12.ckpt", "step=4.ckpt", "step=8.ckpt"]
     branch = cli_main(
-        ["fit", "--config", job, "--trainer.max_steps", "20", "--ckpt_path", str(tmp_path / "ckpt" / "step=8.ckpt")]
+        ["fit", "--config", job, "--trainer.max_steps", "20", "--ckpt_path", str(ckpt_dir / "step=8.ckpt")]
     )
     assert branch.trainer.global_step == 20
     rows = list(csv.DictReader(open(os.path.join(branch.trainer.logger.log_dir, "metrics.csv"))))

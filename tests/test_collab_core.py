@@ -305,12 +305,15 @@ def test_bad_input_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="`baseline` must be one of"):
         CoBoStrategy(baseline="fedprox")
     dm = ToyFederatedData(n_clients=4)
-    with pytest.raises(ValueError, match="`n_clients`=6 does not match the datamodule's partition into 4"):
+    with pytest.raises(MisconfigurationException, match="`n_clients`=6 does not match the datamodule's partition"):
         _trainer(tmp_path, CollaborativeStrategy(n_clients=6), 1, double=False).fit(_model(), dm)
     st = CollaborativeStrategy(n_clients=6)
-    monkeypatch.setattr(CollaborativeStrategy, "world_size", property(lambda self: 4))
-    with pytest.raises(ValueError, match=r"`n_clients`=6 must be divisible by the number of processes \(world size 4"):
-        st._resolve_n_clients(type("T", (), {"datamodule": None})())
+    four_processes = type("T", (), {"num_devices": 4, "num_nodes": 1, "datamodule": None})()
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"`n_clients`=6 must be divisible.* = 4; use `trainer.devices` in \[1, 2, 3, 6\]",
+    ):
+        st.check_config(four_processes, None, None)
 
 
 def test_bad_trainer_settings_are_refused(tmp_path):

@@ -28,7 +28,7 @@ def _strategy(baseline: str) -> CoBoStrategy:
     )
 
 
-def _fit(root, baseline: str, devices: int, steps: int = STEPS, ckpt_path=None) -> L.Trainer:
+def _fit(root, baseline: str, devices: int, steps: int = STEPS, ckpt_path=None, limit_val_batches=0) -> L.Trainer:
     torch.manual_seed(0)
     model = MLPClassifier(5, [6], 3, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     trainer = L.Trainer(
@@ -42,7 +42,9 @@ def _fit(root, baseline: str, devices: int, steps: int = STEPS, ckpt_path=None) 
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_val_batches=0,
+        limit_val_batches=limit_val_batches,
+        val_check_interval=STEPS if limit_val_batches else None,
+        num_sanity_val_steps=0,
     )
     trainer.fit(model, ToyFederatedData(n_clients=4, batch_size=3, dtype=torch.float64), ckpt_path=ckpt_path)
     return trainer
@@ -60,6 +62,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         results[baseline] = {"X": st.comm.all_gather(st.stack.X.detach()), "W": st.W, "ids": st.local_client_ids}
         if baseline == "none":
             trainer.save_checkpoint(os.path.join(out, "p2.ckpt"))
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # epoch-level logs of the strategy under 2 processes
+        warnings.simplefilter("always")
+        trainer = _fit(out, "none", devices=world, limit_val_batches=1)
+    results["sync_dist_warnings"] = [str(w.message) for w in caught if "sync_dist" in str(w.message)]
     try:
         TorchDistributedCommunicator(3)
     except ValueError as err:
@@ -95,6 +103,7 @@ def test_simulated_equals_two_processes(tmp_path, two_process_results, baseline)
         assert (trainer.strategy.W - 0.5 * (1 - torch.eye(4, dtype=torch.float64))).abs().max() > 1e-3
     assert results[baseline]["ids"] == (0, 1)
     assert "world size 2" in results["divisibility_error"]
+    assert results["sync_dist_warnings"] == []  # evaluation metrics are logged with sync_dist under 2 processes
 
 
 def test_two_process_checkpoint_resumes_in_one_process(tmp_path, two_process_results):

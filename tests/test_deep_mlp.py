@@ -99,7 +99,7 @@ def test_deep_mlp_grokking_on_digits(tmp_path):
             "fit",
             "--config",
             EXAMPLE,
-            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path}",
         ]
     )

@@ -94,7 +94,9 @@ class Cooldown(Callback):
         self._loaded: tuple[int, int] | None = None
         self._installed: list[WSDScheduler] = []
 
-    def check_config(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def check_config(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", datamodule: "pl.LightningDataModule | None" = None
+    ) -> None:
         """Check the cooldown against ``trainer.max_steps`` and the module's warmup, before anything runs.
 
         Called from :meth:`setup` and, by the ``lightning-epfl`` CLI, before the run starts (before any process,

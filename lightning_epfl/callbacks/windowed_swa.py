@@ -361,7 +361,9 @@ class WindowedSWA(Callback):
             pl_module.load_state_dict(backup)
 
     # ------------------------------------------------------------------ hooks
-    def check_config(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def check_config(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", datamodule: "pl.LightningDataModule | None" = None
+    ) -> None:
         """Refuse strategies that shard the model; called from :meth:`setup` and by the CLI before the run."""
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
@@ -426,8 +428,8 @@ class WindowedSWA(Callback):
                 continue
             suffix = self.log_suffix if j == 1 else f"{self.log_suffix}_h{j}"
             for key, value in self._evaluate(trainer, pl_module, j).items():
-                pl_module.log(key + suffix, value, on_step=False, on_epoch=True, sync_dist=False)
-        pl_module.log("swa/windows", float(len(self._closed)), on_step=False, on_epoch=True, sync_dist=False)
+                pl_module.log(key + suffix, value, on_step=False, on_epoch=True, sync_dist=True)
+        pl_module.log("swa/windows", float(len(self._closed)), on_step=False, on_epoch=True, sync_dist=True)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -100,6 +100,52 @@ def load_tokenizer(path: str | None) -> Any:
         ) from err
 
 
+_MIN_PIECE_CHARS = 256
+
+
+def split_single_text(text: str, smallest_fraction: float, pieces_per_quota: int = 8) -> list[str]:
+    """Cut the text of one file into documents small enough for every held-out split to get its share.
+
+    The text is split at blank lines (paragraphs); any paragraph longer than ``smallest_fraction * len(text) /
+    pieces_per_quota`` characters is cut further at line ends into runs of lines of at most that size (a single
+    longer line is cut at that size). A file with one sentence per line and no blank line thus still yields a
+    validation split. Pieces are never cut below 256 characters.
+
+    Args:
+        text: The whole file.
+        smallest_fraction: The smallest non-zero held-out fraction (``val_fraction`` or ``test_fraction``).
+        pieces_per_quota: How many documents at least fit in that fraction. Default 8.
+
+    Returns:
+        The non-blank documents, in file order; joining them with ``"\\n"`` gives back every line of ``text``.
+    """
+    limit = max(_MIN_PIECE_CHARS, int(smallest_fraction * len(text) / pieces_per_quota))
+    docs: list[str] = []
+    for paragraph in text.split("\n\n"):
+        if not paragraph.strip():
+            continue
+        if len(paragraph) <= limit:
+            docs.append(paragraph)
+            continue
+        current: list[str] = []
+        size = 0
+        for line in paragraph.split("\n"):
+            while len(line) > limit:  # a line longer than a piece: cut it
+                if current:
+                    docs.append("\n".join(current))
+                    current, size = [], 0
+                docs.append(line[:limit])
+                line = line[limit:]
+            if current and size + len(line) + 1 > limit:
+                docs.append("\n".join(current))
+                current, size = [], 0
+            current.append(line)
+            size += len(line) + 1
+        if current:
+            docs.append("\n".join(current))
+    return [d for d in docs if d.strip()]
+
+
 def pydoc_documents() -> list[str]:
     """Return the ``pydoc_data.topics`` texts, one document per topic, in sorted-key order."""
     from pydoc_data.topics import topics
@@ -211,7 +257,8 @@ class ResumableDataLoader(DataLoader):
 class TextDataModule(LightningDataModule):
     """Causal-LM datamodule: documents → tokens → packed blocks, deterministic document-level split.
 
-    Documents (pydoc topics, files, dataset rows; a single file is cut into paragraphs) are shuffled with
+    Documents (pydoc topics, files, dataset rows; a single file is cut into paragraphs, and long paragraphs into runs
+    of lines, by :func:`split_single_text`) are shuffled with
     ``random.Random(seed)`` and assigned to validation/test until each holds ``val_fraction``/``test_fraction`` of
     the characters; the rest is training text. Each split's documents are joined with a separator (``"\\n"`` for
     bytes, the tokenizer's EOS token otherwise) and packed into non-overlapping blocks of ``block_size`` tokens.
@@ -339,8 +386,8 @@ class TextDataModule(LightningDataModule):
         for f in self._files():
             with open(f, encoding="utf-8", errors="replace") as fh:
                 docs.append(fh.read())
-        if len(docs) == 1:  # one file: split at blank lines so that the split is by paragraph, not by file
-            docs = [d for d in docs[0].split("\n\n") if d.strip()]
+        if len(docs) == 1:  # one file: split into paragraphs (and long paragraphs into runs of lines)
+            docs = split_single_text(docs[0], min(f for f in (self.val_fraction, self.test_fraction) if f > 0))
         return docs
 
     def _dataset_documents(self) -> list[str]:

@@ -232,7 +232,9 @@ class CausalLMModule(LightningModule):
         if sums is None:
             return
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        self.log(f"{stage}/ppl", math.exp(min(float(sums[0] / sums[1].clamp_min(1)), 80.0)), batch_size=1)
+        self.log(
+            f"{stage}/ppl", math.exp(min(float(sums[0] / sums[1].clamp_min(1)), 80.0)), batch_size=1, sync_dist=True
+        )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, "val")

@@ -69,9 +69,9 @@ class ClientModule(LightningModule):
     def _log_metrics(self, stage: str, batch: Any) -> None:
         m = self.client_metrics(batch)
         count = m["count"].clamp_min(1)
-        self.log(f"{stage}/loss", m["loss_sum"] / count, prog_bar=stage == "val")
+        self.log(f"{stage}/loss", m["loss_sum"] / count, prog_bar=stage == "val", sync_dist=True)
         if "correct" in m:
-            self.log(f"{stage}/acc", m["correct"] / count, prog_bar=stage == "val")
+            self.log(f"{stage}/acc", m["correct"] / count, prog_bar=stage == "val", sync_dist=True)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.client_loss(batch)

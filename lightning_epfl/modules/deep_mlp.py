@@ -118,8 +118,9 @@ class DeepMLPClassifier(LightningModule):
         loss = self.loss_fn(logits, y)
         acc = (logits.argmax(-1) == y).float().mean()
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True)
-        self.log(f"{stage}/acc", acc, on_step=on_step, on_epoch=not on_step, prog_bar=True)
+        sync = not on_step  # epoch-level evaluation values are averaged over processes
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True, sync_dist=sync)
+        self.log(f"{stage}/acc", acc, on_step=on_step, on_epoch=not on_step, prog_bar=True, sync_dist=sync)
         return loss
 
     @override

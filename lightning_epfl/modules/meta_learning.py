@@ -372,9 +372,9 @@ class MetaLearningModule(LightningModule):
         n = batch.num_tasks
         per_task = partial(_per_task_loss, loss=loss, target=batch.query_y)
         loss_pre, loss_post = per_task(pre), per_task(post)
-        self.log(f"{stage}/query_loss_pre", loss_pre, batch_size=n)
-        self.log(f"{stage}/query_loss_post", loss_post, batch_size=n)
-        self.log(f"{stage}/loss", loss_post, batch_size=n)
+        self.log(f"{stage}/query_loss_pre", loss_pre, batch_size=n, sync_dist=True)
+        self.log(f"{stage}/query_loss_post", loss_post, batch_size=n, sync_dist=True)
+        self.log(f"{stage}/loss", loss_post, batch_size=n, sync_dist=True)
         if self.hparams.loss == "cross_entropy":
             self.log(f"{stage}/acc_pre", (pre.argmax(-1) == batch.query_y).float().mean(), batch_size=n)
             self.log(f"{stage}/acc_post", (post.argmax(-1) == batch.query_y).float().mean(), batch_size=n)

@@ -181,21 +181,36 @@ class CollaborativeStrategy(DDPStrategy):
             return
         super().setup_distributed()
 
-    def _resolve_n_clients(self, trainer: Any) -> int:
-        dm_n = getattr(trainer.datamodule, "n_clients", None) if trainer.datamodule is not None else None
+    def check_config(self, trainer: Any, pl_module: Any, datamodule: Any = None) -> None:
+        """Check the client count against the datamodule and the process count, before any process starts.
+
+        Called by the ``lightning-epfl`` CLI before the run and from :meth:`setup`.
+
+        Raises:
+            MisconfigurationException: If ``n_clients`` is unknown, differs from the datamodule's, or is not
+                divisible by ``trainer.devices x trainer.num_nodes`` (the message lists the process counts that work).
+        """
+        self._resolve_n_clients(datamodule, trainer.num_devices * trainer.num_nodes)
+
+    def _resolve_n_clients(self, datamodule: Any, world_size: int) -> int:
+        dm_n = getattr(datamodule, "n_clients", None) if datamodule is not None else None
         n = self._n_clients_arg
         if n is None:
             if dm_n is None:
-                raise ValueError("`n_clients` is None and the datamodule has no `n_clients`; set `n_clients`.")
+                raise MisconfigurationException(
+                    "`n_clients` is None and the datamodule has no `n_clients`; set the strategy's `n_clients`."
+                )
             n = int(dm_n)
         elif dm_n is not None and int(dm_n) != n:
-            raise ValueError(
+            raise MisconfigurationException(
                 f"`n_clients`={n} does not match the datamodule's partition into {dm_n} clients "
                 "(`data.init_args.n_clients`); set them equal or leave the strategy's `n_clients` as None."
             )
-        if n % self.world_size:
-            raise ValueError(
-                f"`n_clients`={n} must be divisible by the number of processes (world size {self.world_size})."
+        if n % world_size:
+            ok = [d for d in range(1, n + 1) if n % d == 0]
+            raise MisconfigurationException(
+                f"`n_clients`={n} must be divisible by the number of processes, `trainer.devices` x "
+                f"`trainer.num_nodes` = {world_size}; use `trainer.devices` in {ok} (one node) or change `n_clients`."
             )
         return n
 
@@ -260,7 +275,7 @@ class CollaborativeStrategy(DDPStrategy):
         self.accelerator.setup(trainer)
         module = self.lightning_module
         self._check_module_and_trainer(trainer, module)
-        n = self._resolve_n_clients(trainer)
+        n = self._resolve_n_clients(trainer.datamodule, self.world_size)
         self.n_clients = n
         if self.world_size == 1:
             self.comm = LocalCommunicator(n)
@@ -402,7 +417,7 @@ class CollaborativeStrategy(DDPStrategy):
                 out.update({f"{stage}/acc_client_{i}": float(a) for i, a in enumerate(acc)})
             self.last_client_accuracy = {**getattr(self, "last_client_accuracy", {}), stage: acc.cpu()}
         out.update(self.collaboration_metrics())
-        pl_module.log_dict(out)
+        pl_module.log_dict(out, sync_dist=True)  # equal on every process (gathered): the mean is the value
 
     def collaboration_metrics(self) -> dict[str, float]:
         """``collab/*`` metrics: consensus distance and, with a matrix and true clusters, recovery (collective)."""
