@@ -44,6 +44,22 @@ class EPFLCLI(LightningCLI):
     ) -> Any:
         return step_scheduler_config(optimizer, lr_scheduler)
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Build the trainer with atomic checkpoint files.
+
+        Lightning's default checkpoint IO is replaced by :class:`~lightning_epfl.checkpoint_io.AtomicCheckpointIO`
+        (a custom one given with ``trainer.plugins`` is kept), so a run killed while saving never leaves a truncated
+        checkpoint under its final name.
+        """
+        from lightning.fabric.plugins import TorchCheckpointIO
+
+        from lightning_epfl.checkpoint_io import AtomicCheckpointIO
+
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
         """Parse, then check ``--ckpt_path`` before LightningCLI reads hyperparameters from it."""
         super().parse_arguments(parser, args)

@@ -75,6 +75,18 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> str:
             plt.close(fig)
 
 
+def loader_generator(seed: int = 0) -> torch.Generator:
+    """A ``torch.Generator`` to pass as ``DataLoader(generator=...)``.
+
+    A DataLoader without its own generator draws a seed from the *global* RNG every time an iterator is created
+    (each epoch, each validation). A run resumed from a checkpoint creates iterators at other moments than the
+    uninterrupted run, so the global RNG (dropout, sampling) would drift; with a private generator it does not.
+    """
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
 def new_figure(figsize: tuple[float, float] = (6.4, 4.8)) -> Any:
     """A matplotlib ``Figure`` that is not registered with pyplot: drawing it never changes the user's backend."""
     from matplotlib.figure import Figure

@@ -54,6 +54,7 @@ from lightning_epfl.datamodules.partition import (
     label_permutation_clusters,
     label_skew_clusters,
 )
+from lightning_epfl.utilities import loader_generator
 
 __all__ = ["ClientBatchStream", "ClientEvalStream", "FederatedDataModule", "counter_hash", "load_sklearn_arrays"]
 
@@ -688,13 +689,16 @@ class FederatedDataModule(LightningDataModule):
         """Stacked training batches for ``client_ids`` (default :meth:`local_client_ids`)."""
         self._ensure_built()
         ids = self.local_client_ids() if client_ids is None else list(client_ids)
-        return _ResumableLoader(ClientBatchStream(self, ids, self.steps_per_epoch), batch_size=None, num_workers=0)
+        stream = ClientBatchStream(self, ids, self.steps_per_epoch)
+        return _ResumableLoader(stream, batch_size=None, num_workers=0, generator=loader_generator(self.seed))
 
     def val_dataloader(self, client_ids: Sequence[int] | None = None) -> DataLoader:
         """Stacked held-out batches for ``client_ids`` (default :meth:`local_client_ids`)."""
         self._ensure_built()
         ids = self.local_client_ids() if client_ids is None else list(client_ids)
-        return DataLoader(ClientEvalStream(self, ids, self.eval_batch_size), batch_size=None, num_workers=0)
+        return DataLoader(
+            ClientEvalStream(self, ids, self.eval_batch_size), batch_size=None, generator=loader_generator(self.seed)
+        )
 
     def test_dataloader(self, client_ids: Sequence[int] | None = None) -> DataLoader:
         """Same as :meth:`val_dataloader` (the held-out split)."""

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from typing_extensions import override
 
 from lightning_epfl.functional.meta import quadratic_fomaml_fixed_point, quadratic_maml_solution
+from lightning_epfl.utilities import loader_generator
 
 __all__ = ["FewShotDigits", "FewShotTasksBase", "LinearRegressionTasks", "SinusoidTasks", "TaskBatch"]
 
@@ -167,11 +168,13 @@ class FewShotTasksBase(LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_TrainStream(self), batch_size=None)
+        return DataLoader(_TrainStream(self), batch_size=None, generator=loader_generator(self.seed))
 
     @override
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(_FixedBatches(self.val_batch(), self.val_batch_size), batch_size=None)
+        return DataLoader(
+            _FixedBatches(self.val_batch(), self.val_batch_size), batch_size=None, generator=loader_generator(self.seed)
+        )
 
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -30,6 +30,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lightning_epfl.utilities import loader_generator
+
 BYTE_VOCAB_SIZE = 256
 TOKENIZER_DESCRIPTION_FILE = "lightning_epfl_tokenizer.json"
 
@@ -211,7 +213,12 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, drop_last: bool, num_workers: int = 0) -> None:
         self._permutation = _EpochPermutation(len(dataset), seed)  # type: ignore[arg-type]
         super().__init__(
-            dataset, batch_size=batch_size, sampler=self._permutation, drop_last=drop_last, num_workers=num_workers
+            dataset,
+            batch_size=batch_size,
+            sampler=self._permutation,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            generator=loader_generator(seed),
         )
         self._epoch = 0
         self._consumed = 0
@@ -475,10 +482,14 @@ class TextDataModule(LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["val"], batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.datasets["val"], self.batch_size, num_workers=self.num_workers, generator=loader_generator(self.seed)
+        )
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.datasets["test"], batch_size=self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.datasets["test"], self.batch_size, num_workers=self.num_workers, generator=loader_generator(self.seed)
+        )
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

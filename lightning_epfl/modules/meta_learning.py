@@ -376,8 +376,10 @@ class MetaLearningModule(LightningModule):
         self.log(f"{stage}/query_loss_post", loss_post, batch_size=n, sync_dist=True)
         self.log(f"{stage}/loss", loss_post, batch_size=n, sync_dist=True)
         if self.hparams.loss == "cross_entropy":
-            self.log(f"{stage}/acc_pre", (pre.argmax(-1) == batch.query_y).float().mean(), batch_size=n)
-            self.log(f"{stage}/acc_post", (post.argmax(-1) == batch.query_y).float().mean(), batch_size=n)
+            self.log(f"{stage}/acc_pre", (pre.argmax(-1) == batch.query_y).float().mean(), batch_size=n, sync_dist=True)
+            self.log(
+                f"{stage}/acc_post", (post.argmax(-1) == batch.query_y).float().mean(), batch_size=n, sync_dist=True
+            )
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
