@@ -14,7 +14,9 @@ into a local ``transformers`` model folder:
 The cache folder is ``$LIGHTNING_EPFL_CACHE`` or, when unset, ``lightning_epfl`` under ``$XDG_CACHE_HOME``
 (default ``~/.cache``). A conversion is written to a temporary folder and renamed into place, so a killed conversion
 never leaves a folder that a later call takes for complete, and two processes converting the same file at once both
-end with the same single valid folder.
+end with the same single valid folder. Each converted model takes its float32 size on disk (517 MB for
+SmolLM2-135M); entries are keyed by the GGUF file's name, size and content samples, so reinstalling the same file
+reuses its entry; delete the cache folder (or single entries) to reclaim the space.
 
 Reading GGUF files needs the ``gguf`` and ``accelerate`` packages (``pip install "lightning-epfl[llm]"``).
 """
@@ -32,6 +34,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from lightning_epfl.utilities import umask_permissions
 
 __all__ = [
     "PACKAGED_MODELS",
@@ -45,7 +50,7 @@ __all__ = [
 CACHE_ENV = "LIGHTNING_EPFL_CACHE"
 COMPLETE_MARKER = "lightning_epfl_source.json"
 """File written last into a converted folder (before the rename); a cache entry without it is never used."""
-_FOLDER_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "lightning_epfl_tokenizer.json")
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "lightning_epfl_tokenizer.json")
 _FORMAT_VERSION = 1  # part of the cache key: bump when the converted folder's layout changes
 _STALE_TMP_SECONDS = 3600.0
 
@@ -110,38 +115,55 @@ def _packaged_gguf(name: str) -> Path:
     return path
 
 
-def check_pretrained(name_or_path: str | os.PathLike, argument: str = "pretrained_path") -> None:
-    """Check cheaply that ``name_or_path`` can be resolved, without converting or loading anything.
+def check_pretrained(
+    name_or_path: str | os.PathLike, argument: str = "pretrained_path", need: Literal["model", "tokenizer"] = "model"
+) -> None:
+    """Check that ``name_or_path`` can be resolved, without converting or loading any weights.
+
+    A GGUF source's header is read (memory-mapped, milliseconds) to check that it is GGUF and of an architecture
+    ``transformers`` can read.
 
     Args:
         name_or_path: What :func:`resolve_pretrained` accepts.
         argument: Name of the caller's argument, used in error messages.
+        need: ``"model"`` requires a folder with a ``config.json``; ``"tokenizer"`` accepts a folder with tokenizer
+            files only.
 
     Raises:
-        ValueError: If it is neither a known packaged-model name, an existing ``.gguf`` file, nor a folder with a
-            ``config.json`` or tokenizer files (the message lists the known names).
-        FileNotFoundError: If a ``.gguf`` path does not exist.
-        ModuleNotFoundError: If a packaged model's package is not installed (the message gives the install command).
+        ValueError: If it is neither a known packaged-model name (case-insensitive; the message lists them), a
+            readable ``.gguf`` file of a supported architecture, nor a folder with the needed files.
+        FileNotFoundError: If a ``.gguf`` path does not exist, or a packaged model's package lacks its file.
+        ModuleNotFoundError: If a packaged model's package, or ``gguf``, is not installed (the message gives the
+            install command).
     """
-    _locate(name_or_path, argument)
+    kind, path = _locate(name_or_path, argument, need)
+    if kind == "gguf":
+        _require_gguf_support()
+        _check_gguf_architecture(path, argument)
 
 
-def _locate(name_or_path: str | os.PathLike, argument: str) -> tuple[str, Path]:
+def _known() -> str:
+    return ", ".join(f"{k!r} ({v.description})" for k, v in sorted(PACKAGED_MODELS.items()))
+
+
+def _locate(name_or_path: str | os.PathLike, argument: str, need: str = "model") -> tuple[str, Path]:
     """Return ``("folder", path)`` or ``("gguf", path)`` for what the user gave; raise a clear error otherwise."""
     text = os.fspath(name_or_path)
-    if text in PACKAGED_MODELS:
-        return "gguf", _packaged_gguf(text)
+    if text.lower() in PACKAGED_MODELS:
+        return "gguf", _packaged_gguf(text.lower())
     path = Path(text).expanduser()
-    if path.suffix.lower() == ".gguf":
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
         if not path.is_file():
             raise FileNotFoundError(f"`{argument}`: the GGUF file {text!r} does not exist.")
         return "gguf", path
     if path.is_dir():
-        if not any((path / f).is_file() for f in _FOLDER_FILES):
+        files = ("config.json",) if need == "model" else ("config.json", *_TOKENIZER_FILES)
+        if not any((path / f).is_file() for f in files):
+            what = "no config.json" if need == "model" else "no config.json nor tokenizer files"
             raise ValueError(
-                f"`{argument}`: the folder {text!r} holds no config.json (nor tokenizer files): it is not a "
-                "transformers model folder. Give a folder written by `save_pretrained`, a .gguf file, or a packaged "
-                f"model name ({', '.join(sorted(PACKAGED_MODELS))})."
+                f"`{argument}`: the folder {text!r} holds {what}: it is not a transformers model folder. Give a "
+                "folder written by `save_pretrained`, a .gguf file, or a packaged model name "
+                f"({', '.join(PACKAGED_MODELS)})."
             )
         return "folder", path
     if path.exists():
@@ -149,24 +171,33 @@ def _locate(name_or_path: str | os.PathLike, argument: str) -> tuple[str, Path]:
             f"`{argument}`: {text!r} is a file but not a .gguf file; give a transformers model folder, a .gguf file, "
             f"or a packaged model name ({', '.join(sorted(PACKAGED_MODELS))})."
         )
+    hint = ""
+    if "/" in text and not text.startswith((".", "/", "~")):
+        hint = (
+            " It looks like a Hugging Face hub id: nothing is downloaded at run time; download the model yourself "
+            "and give its local folder."
+        )
     raise ValueError(
-        f"`{argument}`: {text!r} is neither an existing path nor a packaged model name. Known packaged models: "
-        + ", ".join(f"{k!r} ({v.description})" for k, v in sorted(PACKAGED_MODELS.items()))
-        + "."
+        f"`{argument}`: {text!r} is neither an existing path nor a packaged model name.{hint} Known packaged models: "
+        f"{_known()}."
     )
 
 
-def resolve_pretrained(name_or_path: str | os.PathLike, argument: str = "pretrained_path") -> Path:
+def resolve_pretrained(
+    name_or_path: str | os.PathLike, argument: str = "pretrained_path", need: Literal["model", "tokenizer"] = "model"
+) -> Path:
     """Return a local ``transformers`` model folder for a folder, a ``.gguf`` file or a packaged-model name.
 
-    GGUF sources are converted once (about 30 s for SmolLM2-135M on 2 CPU cores) into
-    ``cache_dir() / "<file stem>-<key>"``, where the key hashes the file's resolved path, size and modification
-    time, so a changed file is converted again. Later calls return the cached folder without reading the GGUF file.
+    GGUF sources are converted once (about 40 s for SmolLM2-135M on 2 CPU cores) into
+    ``cache_dir() / "<file stem>-<key>"``, where the key hashes the file's name, size and its first and last MiB, so
+    a changed file is converted again and a reinstalled copy of the same file is not. Later calls return the cached
+    folder after reading those 2 MiB.
 
     Args:
         name_or_path: A local ``transformers`` folder, a path to a ``.gguf`` file, or a name from
             :data:`PACKAGED_MODELS` (e.g. ``"smollm2-135m-instruct"``).
         argument: Name of the caller's argument, used in error messages.
+        need: ``"model"`` (default) or ``"tokenizer"`` (a folder with tokenizer files only is accepted).
 
     Returns:
         The folder, loadable with ``from_pretrained(folder, local_files_only=True)`` (model and tokenizer).
@@ -177,24 +208,33 @@ def resolve_pretrained(name_or_path: str | os.PathLike, argument: str = "pretrai
         FileNotFoundError: A ``.gguf`` path that does not exist.
         ModuleNotFoundError: A packaged model whose package, or the ``gguf``/``accelerate`` packages, are not
             installed (the message gives the install command).
+        PermissionError: The cache folder cannot be created or written (the message names ``LIGHTNING_EPFL_CACHE``).
     """
-    kind, path = _locate(name_or_path, argument)
+    kind, path = _locate(name_or_path, argument, need)
     if kind == "folder":
         return path
     return convert_gguf(path, argument=argument)
 
 
 def _cache_key(gguf_path: Path) -> str:
-    stat = gguf_path.stat()
-    ident = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_FORMAT_VERSION}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    """Content key: name, size, first and last MiB (2 MiB read, not the whole file), format version."""
+    size = gguf_path.stat().st_size
+    digest = hashlib.sha256(f"{gguf_path.name}|{size}|{_FORMAT_VERSION}|".encode())
+    with open(gguf_path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def _is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_MARKER).is_file()
 
 
-def convert_gguf(gguf_path: str | os.PathLike, cache: str | os.PathLike | None = None, argument: str = "gguf") -> Path:
+def convert_gguf(
+    gguf_path: str | os.PathLike, cache: str | os.PathLike | None = None, argument: str = "pretrained_path"
+) -> Path:
     """Convert a GGUF file once into a cached ``transformers`` folder and return that folder.
 
     The weights are dequantized to float32 by ``transformers`` and saved as safetensors with the config (without
@@ -211,8 +251,11 @@ def convert_gguf(gguf_path: str | os.PathLike, cache: str | os.PathLike | None =
         The converted folder.
 
     Raises:
+        FileNotFoundError: If the file does not exist.
         ValueError: If the file is not GGUF or its architecture is not readable by ``transformers``.
         ModuleNotFoundError: If ``gguf`` or ``accelerate`` is missing.
+        PermissionError: If the cache folder cannot be created or written (the message names the setting).
+        RuntimeError: If the converted weights do not match the model the config describes.
     """
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
@@ -221,10 +264,19 @@ def convert_gguf(gguf_path: str | os.PathLike, cache: str | os.PathLike | None =
     key = _cache_key(gguf_path)
     final = root / f"{gguf_path.stem.lower()}-{key}"
     if _is_complete(final):
+        _remove_stale(root, key, final)
         return final
     _require_gguf_support()
     _check_gguf_architecture(gguf_path, argument)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".probe-", dir=root))
+        probe.rmdir()
+    except OSError as err:
+        raise PermissionError(
+            f"The model cache folder {os.fspath(root)!r} cannot be created or written ({err.strerror or err}); set "
+            f"{CACHE_ENV} to a writable folder (e.g. export {CACHE_ENV}=$HOME/.cache/lightning_epfl)."
+        ) from err
     with _conversion_lock(root / f".lock-{key}"):
         if _is_complete(final):  # another process finished while this one waited
             return final
@@ -232,9 +284,10 @@ def convert_gguf(gguf_path: str | os.PathLike, cache: str | os.PathLike | None =
         from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
         rank_zero_info(f"Converting {gguf_path.name} once into a transformers folder at {final} ...")
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=root))
         try:
             _write_transformers_folder(gguf_path, tmp)
+            umask_permissions(tmp)
             (tmp / COMPLETE_MARKER).write_text(
                 json.dumps({"source": str(gguf_path.resolve()), "format_version": _FORMAT_VERSION}, indent=2)
             )
@@ -328,12 +381,26 @@ def _conversion_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours
+        return True
+    return True
+
+
 def _remove_stale(root: Path, key: str, final: Path) -> None:
-    """Delete leftovers of killed conversions of this key: old temporary folders, an unfinished final folder."""
+    """Delete leftovers of killed conversions of this key: temporary folders of dead processes (or older than an
+    hour), an unfinished final folder."""
     now = time.time()
     for leftover in root.glob(f".tmp-{key}-*"):
+        parts = leftover.name.split("-")
+        pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
         with contextlib.suppress(OSError):
-            if now - leftover.stat().st_mtime > _STALE_TMP_SECONDS:
+            dead = pid is not None and pid != os.getpid() and not _pid_alive(pid)
+            if dead or now - leftover.stat().st_mtime > _STALE_TMP_SECONDS:
                 shutil.rmtree(leftover, ignore_errors=True)
     if final.exists() and not _is_complete(final):
         aside = Path(tempfile.mkdtemp(prefix=f".stale-{key}-", dir=root))

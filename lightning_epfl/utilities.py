@@ -42,6 +42,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> str:
     return path
 
 
+def umask_permissions(folder: str | os.PathLike) -> None:
+    """Give a folder made by ``tempfile.mkdtemp`` (mode 0700) and everything in it the process umask's permissions.
+
+    Folders are built under a private temporary name and renamed into place; without this the published folder and
+    its files would stay readable by their owner only.
+    """
+    from pathlib import Path
+
+    umask = os.umask(0)
+    os.umask(umask)
+    root = Path(folder)
+    os.chmod(root, 0o777 & ~umask)
+    for child in root.rglob("*"):
+        os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~umask)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     """Write ``data`` to ``path`` through :func:`atomic_write`."""
 

