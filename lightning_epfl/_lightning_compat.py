@@ -1,7 +1,8 @@
-"""The package's only uses of Lightning loop internals, for what no public hook offers.
+"""The package's only uses of Lightning internals, for what no public hook offers.
 
 Checked against Lightning 2.5 and 2.6 (``pyproject.toml`` pins ``lightning<2.7``); rerun the tests of
-``ValidateAtStart`` and ``FeatureRankMonitor(probe="val")`` before raising the bound.
+``ValidateAtStart``, ``FeatureRankMonitor(probe="val")`` and the collaborative strategy (simulated and 2-process)
+before raising the bound.
 """
 
 from __future__ import annotations
@@ -37,3 +38,33 @@ def fit_val_dataloaders(trainer: pl.Trainer) -> Any:
     if trainer.val_dataloaders is None and val_loop._data_source.is_defined():
         return val_loop._data_source.dataloader()
     return trainer.val_dataloaders
+
+
+def optimizers_to_device(optimizers: list[Any], device: Any) -> None:
+    """Move optimizer state tensors to ``device`` (Lightning's own helper, as ``DDPStrategy`` uses it after setup)."""
+    from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+    _optimizers_to_device(optimizers, device)
+
+
+class InProcessWhenSimulated:
+    """Mixin for a ``DDPStrategy`` subclass: with one process in total, run in this process, without a launcher and
+    without a process group.
+
+    ``DDPStrategy`` always configures a launcher, which with one process still sets ``torch``'s thread count (and
+    ``OMP_NUM_THREADS``) to the machine's core count, and initializes a one-process group. A simulated collaborative
+    run needs neither, and must keep the caller's thread count for reproducible numbers. The override is of
+    Lightning's private ``_configure_launcher``.
+    """
+
+    def _configure_launcher(self) -> None:
+        if self.num_nodes * self.num_processes == 1:  # type: ignore[attr-defined]
+            self._launcher = None
+            return
+        super()._configure_launcher()  # type: ignore[misc]
+
+    def setup_distributed(self) -> None:
+        if self.num_nodes * self.num_processes == 1:  # type: ignore[attr-defined]
+            self.set_world_ranks()  # type: ignore[attr-defined]
+            return
+        super().setup_distributed()  # type: ignore[misc]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from collab_toy import ToyFederatedData
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -23,8 +24,9 @@ from lightning_epfl.functional.cobo import (
     sample_pairs,
 )
 from lightning_epfl.modules.client import ClientModule, MLPClassifier
-from lightning_epfl.strategies.collaborative import ClientStack, CoBo, CoBoStrategy, LocalCommunicator
-from lightning_epfl.strategies.collaborative.algorithm import StepContext, derive_seed
+from lightning_epfl.strategies.collaborative import ClientStack, CoBo, CollaborativeStrategy, LocalCommunicator
+from lightning_epfl.strategies.collaborative.algorithm import StepContext
+from lightning_epfl.utilities import derive_seed
 
 
 class Quadratic(ClientModule):
@@ -191,7 +193,7 @@ def test_stability_check_thresholds():
     with pytest.warns(RuntimeWarning, match="may oscillate"):
         assert algo.check_stability(0.1) == pytest.approx(1.2)
     algo.rho = 6.0
-    with pytest.raises(ValueError, match="unstable consensus"):
+    with pytest.raises(MisconfigurationException, match="unstable consensus"):
         algo.check_stability(0.1)
     algo.allow_unstable = True
     with pytest.warns(RuntimeWarning):
@@ -230,14 +232,15 @@ def test_cobo_quadratic_clusters_toy(tmp_path):
     class Snap(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == 10:
-                seen[10] = trainer.strategy.W.clone()
+                seen[10] = trainer.strategy.collaboration_matrix().clone()
 
-    strategy = CoBoStrategy(rho=0.1, gamma=0.1, pair_sampling="all", pair_batch_size=1, seed=0)
+    cobo = CoBo(rho=0.1, gamma=0.1, pair_sampling="all", pair_batch_size=1)
+    strategy = CollaborativeStrategy(algorithm=cobo, seed=0)
     _trainer(tmp_path, strategy, 100, [Snap()]).fit(Quadratic(x0, lr=0.1), QuadraticData(targets, clusters))
     same = clusters[:, None] == clusters[None, :]
     off = ~torch.eye(n, dtype=torch.bool)
     assert torch.all(seen[10][~same] == 1.0)
-    assert torch.equal((strategy.W > 0.5)[off], same[off])
+    assert torch.equal((cobo.W > 0.5)[off], same[off])
     assert torch.equal(strategy.cluster_assignments(), clusters)
 
 
@@ -249,9 +252,8 @@ def test_cobo_run_matches_slow_loop_reference(tmp_path):
     torch.manual_seed(0)
     model = MLPClassifier(5, [6], 3, optimizer=partial(torch.optim.SGD, lr=lr))
     template = copy.deepcopy(model).double()
-    strategy = CoBoStrategy(
-        rho=rho, gamma=gamma, w_init=0.5, pair_batch_size=-1, pair_warmup_steps=3, pair_decay=1.0, seed=5
-    )
+    cobo = CoBo(rho=rho, gamma=gamma, w_init=0.5, pair_batch_size=-1, pair_warmup_steps=3, pair_decay=1.0)
+    strategy = CollaborativeStrategy(algorithm=cobo, seed=5)
     _trainer(tmp_path, strategy, steps).fit(model, dm)
 
     def grad(params, i):
@@ -281,7 +283,7 @@ def test_cobo_run_matches_slow_loop_reference(tmp_path):
                 - lr * rho * sum(W[i, m] * (snap[i][k] - snap[m][k]) for m in range(n) if m != i)
                 for k in gi
             }
-    torch.testing.assert_close(strategy.W, W, atol=1e-10, rtol=0)
+    torch.testing.assert_close(cobo.W, W, atol=1e-10, rtol=0)
     for i in range(n):
         torch.testing.assert_close(strategy.client_state_dict(i), X[i], atol=1e-10, rtol=0)
     assert (W - 0.5 * (1 - torch.eye(n, dtype=torch.float64))).abs().max() > 1e-3  # the W step did act

@@ -16,7 +16,7 @@ from lightning_epfl.modules.client import MLPClassifier
 from lightning_epfl.strategies.collaborative import (
     IFCA,
     ClientStack,
-    CoBoStrategy,
+    CoBo,
     CollaborativeStrategy,
     Ditto,
     FedAvg,
@@ -255,18 +255,17 @@ def test_ditto_lambda_zero_is_local_and_fedavg(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------- resume
-def _cobo(**kw):
-    return CoBoStrategy(
-        rho=0.2, gamma=0.5, pair_batch_size=-1, pair_sampling="mixed", pair_warmup_steps=3, pair_decay=1.0, **kw
-    )
+def _cobo() -> CoBo:
+    return CoBo(rho=0.2, gamma=0.5, pair_batch_size=-1, pair_sampling="mixed", pair_warmup_steps=3, pair_decay=1.0)
 
 
-@pytest.mark.parametrize("baseline", ["none", "ifca"])
-def test_resume_mid_run_reproduces_uninterrupted_run(tmp_path, baseline):
+@pytest.mark.parametrize("algorithm", ["cobo", "ifca"])
+def test_resume_mid_run_reproduces_uninterrupted_run(tmp_path, algorithm):
     """10 steps + checkpoint + 10 more equals 20 straight steps: stacked weights, momentum and algorithm state."""
 
     def make(steps, sub):
-        return _model(lr=0.1, momentum=0.9), _trainer(tmp_path / sub, _cobo(baseline=baseline, ifca_clusters=2), steps)
+        alg = _cobo() if algorithm == "cobo" else IFCA(n_clusters=2)
+        return _model(lr=0.1, momentum=0.9), _trainer(tmp_path / sub, CollaborativeStrategy(algorithm=alg), steps)
 
     model, tr = make(20, "straight")
     tr.fit(model, ToyFederatedData(n_clients=4, dtype=torch.float64))
@@ -278,32 +277,43 @@ def test_resume_mid_run_reproduces_uninterrupted_run(tmp_path, baseline):
     t2.fit(m2, ToyFederatedData(n_clients=4, dtype=torch.float64), ckpt_path=ckpt)
     assert t2.global_step == 20
     assert torch.equal(t2.strategy.stack.X, tr.strategy.stack.X)
-    assert torch.equal(t2.strategy.W, tr.strategy.W)
+    assert torch.equal(t2.strategy.collaboration_matrix(), tr.strategy.collaboration_matrix())
     s_ref = tr.strategy.optimizers[0].state_dict()["state"]
     s_got = t2.strategy.optimizers[0].state_dict()["state"]
     for k in s_ref:
         assert torch.equal(s_ref[k]["momentum_buffer"], s_got[k]["momentum_buffer"])
-    if baseline == "none":
-        assert not torch.equal(tr.strategy.W, CoBoStrategy().algorithm.initial_W(4))  # W did move
+    if algorithm == "cobo":
+        assert not torch.equal(tr.strategy.collaboration_matrix(), CoBo().initial_W(4))  # W did move
 
 
 # ------------------------------------------------------------------------------------------------------- bad input
 def test_bad_input_errors(tmp_path, monkeypatch):
     """Bad arguments raise early with the argument's name."""
-    with pytest.raises(ValueError, match="`topology` must be one of"):
+    with pytest.raises(MisconfigurationException, match="`topology` must be one of"):
         CollaborativeStrategy(topology="hypercube")
-    with pytest.raises(ValueError, match="`rho` must be >= 0"):
-        CoBoStrategy(rho=-0.1)
-    with pytest.raises(ValueError, match="`gamma` must be > 0"):
-        CoBoStrategy(gamma=0.0)
-    with pytest.raises(ValueError, match="`pair_batch_size`"):
-        CoBoStrategy(pair_batch_size=-2)
-    with pytest.raises(ValueError, match="`ifca_clusters`"):
-        CoBoStrategy(baseline="ifca")
-    with pytest.raises(ValueError, match="`w_init`"):
-        CoBoStrategy(domain="simplex", w_init=0.0)
-    with pytest.raises(ValueError, match="`baseline` must be one of"):
-        CoBoStrategy(baseline="fedprox")
+    with pytest.raises(MisconfigurationException, match="`rho` must be >= 0"):
+        CoBo(rho=-0.1)
+    with pytest.raises(MisconfigurationException, match="`gamma` must be > 0"):
+        CoBo(gamma=0.0)
+    with pytest.raises(MisconfigurationException, match="`pair_batch_size`"):
+        CoBo(pair_batch_size=-2)
+    with pytest.raises(MisconfigurationException, match="`n_clusters` must be >= 1"):
+        IFCA(n_clusters=0)
+    with pytest.raises(MisconfigurationException, match="`w_init`"):
+        CoBo(domain="simplex", w_init=0.0)
+    with pytest.raises(TypeError, match="baseline"):
+        CoBo(baseline="fedavg")  # one algorithm per class: no switch to other algorithms
+    with pytest.raises(MisconfigurationException, match="`algorithm` must be a CollaborativeAlgorithm"):
+        CollaborativeStrategy(algorithm="cobo")
+    disconnected = [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]
+    with pytest.raises(
+        MisconfigurationException, match=r"`topology` is disconnected: 2 components \[\[0, 1\], \[2, 3\]\]"
+    ):
+        CollaborativeStrategy(topology=disconnected)
+    with pytest.raises(MisconfigurationException, match="`topology`='ring' with 2 clients"):
+        CollaborativeStrategy(topology="ring").check_config(
+            type("T", (), {"num_devices": 1, "num_nodes": 1})(), None, ToyFederatedData(n_clients=2)
+        )
     dm = ToyFederatedData(n_clients=4)
     with pytest.raises(MisconfigurationException, match="`n_clients`=6 does not match the datamodule's partition"):
         _trainer(tmp_path, CollaborativeStrategy(n_clients=6), 1, double=False).fit(_model(), dm)
@@ -325,10 +335,10 @@ def test_bad_trainer_settings_are_refused(tmp_path):
     bn.net.insert(1, nn.BatchNorm1d(6))
     with pytest.raises(MisconfigurationException, match="BatchNorm"):
         _trainer(tmp_path, CollaborativeStrategy(), 1, double=False).fit(bn, dm)
-    with pytest.raises(ValueError, match=r"unstable consensus: eta\*rho\*lambda_max"):
-        _trainer(tmp_path, CoBoStrategy(rho=6.0), 1, double=False).fit(_model(lr=0.1), dm)
+    with pytest.raises(MisconfigurationException, match=r"unstable consensus: eta\*rho\*lambda_max"):
+        _trainer(tmp_path, CollaborativeStrategy(algorithm=CoBo(rho=6.0)), 1, double=False).fit(_model(lr=0.1), dm)
     lbfgs = MLPClassifier(5, [6], 3, optimizer=partial(torch.optim.LBFGS, lr=0.1))
-    with pytest.raises(ValueError, match="LBFGS is not element-wise"):
+    with pytest.raises(MisconfigurationException, match="LBFGS is not element-wise"):
         _trainer(tmp_path, CollaborativeStrategy(), 1, double=False).fit(lbfgs, dm)
     dm_workers = ToyFederatedData(n_clients=4)
     dm_workers.train_dataloader = lambda: torch.utils.data.DataLoader(
@@ -336,14 +346,14 @@ def test_bad_trainer_settings_are_refused(tmp_path):
     )
     with pytest.raises(MisconfigurationException, match="`num_workers`=1"):
         _trainer(tmp_path, CollaborativeStrategy(), 1, double=False).fit(_model(), dm_workers)
-    with pytest.raises(ValueError, match="Oracle needs `datamodule.true_clusters`"):
+    with pytest.raises(MisconfigurationException, match="Oracle needs `datamodule.true_clusters`"):
         dm2 = ToyFederatedData(n_clients=4)
         dm2.true_clusters = None
         _trainer(tmp_path, CollaborativeStrategy(algorithm=Oracle()), 1, double=False).fit(_model(), dm2)
 
 
 def test_evaluation_logs_per_client_metrics(tmp_path):
-    """val/acc_mean and val/acc_min equal the per-client accuracies recomputed by hand."""
+    """val/acc (mean over clients), val/acc_min and val/acc_client_i equal the per-client accuracies by hand."""
     dm = ToyFederatedData(n_clients=4, dtype=torch.float64)
     tr = _trainer(tmp_path, CollaborativeStrategy(log_per_client=True), 2, limit_val_batches=1, val_check_interval=2)
     tr.fit(_model(), dm)
@@ -354,6 +364,6 @@ def test_evaluation_logs_per_client_metrics(tmp_path):
         m.load_state_dict(st.client_state_dict(i))
         accs.append(float((m(dm.x[i]).argmax(1) == dm.y[i]).double().mean()))
     got = tr.callback_metrics
-    assert abs(float(got["val/acc_mean"]) - sum(accs) / 4) < 1e-6  # logged as float32
+    assert abs(float(got["val/acc"]) - sum(accs) / 4) < 1e-6  # logged as float32
     assert abs(float(got["val/acc_min"]) - min(accs)) < 1e-6
     assert abs(float(got["val/acc_client_3"]) - accs[3]) < 1e-6

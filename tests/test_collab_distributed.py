@@ -14,18 +14,27 @@ import torch.multiprocessing as mp
 from collab_toy import ToyFederatedData
 
 from lightning_epfl.modules.client import MLPClassifier
-from lightning_epfl.strategies.collaborative import CoBoStrategy, TorchDistributedCommunicator
+from lightning_epfl.strategies.collaborative import (
+    CoBo,
+    CollaborativeStrategy,
+    FedAvg,
+    Local,
+    TorchDistributedCommunicator,
+)
 
-BASELINES = ("local", "fedavg", "none")  # "none" = CoBo
+BASELINES = ("local", "fedavg", "cobo")
 STEPS = 5
 TOL = 1e-10  # float64; only the order of floating-point sums differs between layouts
 
 
-def _strategy(baseline: str) -> CoBoStrategy:
+def _strategy(baseline: str) -> CollaborativeStrategy:
     # pair batches of 4 random examples exercise the per-client extra-batch streams in both layouts
-    return CoBoStrategy(
-        rho=0.3, gamma=0.5, w_init=0.5, pair_batch_size=4, pair_warmup_steps=2, baseline=baseline, seed=3
-    )
+    algorithm = {
+        "local": Local,
+        "fedavg": FedAvg,
+        "cobo": lambda: CoBo(rho=0.3, gamma=0.5, w_init=0.5, pair_batch_size=4, pair_warmup_steps=2),
+    }[baseline]()
+    return CollaborativeStrategy(algorithm=algorithm, seed=3)
 
 
 def _fit(root, baseline: str, devices: int, steps: int = STEPS, ckpt_path=None, limit_val_batches=0) -> L.Trainer:
@@ -59,14 +68,15 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     for baseline in BASELINES:
         trainer = _fit(out, baseline, devices=world)
         st = trainer.strategy
-        results[baseline] = {"X": st.comm.all_gather(st.stack.X.detach()), "W": st.W, "ids": st.local_client_ids}
-        if baseline == "none":
+        W = st.collaboration_matrix()
+        results[baseline] = {"X": st.comm.all_gather(st.stack.X.detach()), "W": W, "ids": st.local_client_ids}
+        if baseline == "cobo":
             trainer.save_checkpoint(os.path.join(out, "p2.ckpt"))
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:  # epoch-level logs of the strategy under 2 processes
         warnings.simplefilter("always")
-        trainer = _fit(out, "none", devices=world, limit_val_batches=1)
+        trainer = _fit(out, "cobo", devices=world, limit_val_batches=1)
     results["sync_dist_warnings"] = [str(w.message) for w in caught if "sync_dist" in str(w.message)]
     try:
         TorchDistributedCommunicator(3)
@@ -98,9 +108,10 @@ def test_simulated_equals_two_processes(tmp_path, two_process_results, baseline)
     _, results = two_process_results
     trainer = _fit(tmp_path, baseline, devices=1)
     torch.testing.assert_close(trainer.strategy.stack.X, results[baseline]["X"], atol=TOL, rtol=0)
-    if baseline == "none":
-        torch.testing.assert_close(trainer.strategy.W, results[baseline]["W"], atol=TOL, rtol=0)
-        assert (trainer.strategy.W - 0.5 * (1 - torch.eye(4, dtype=torch.float64))).abs().max() > 1e-3
+    if baseline == "cobo":
+        W = trainer.strategy.collaboration_matrix()
+        torch.testing.assert_close(W, results[baseline]["W"], atol=TOL, rtol=0)
+        assert (W - 0.5 * (1 - torch.eye(4, dtype=torch.float64))).abs().max() > 1e-3
     assert results[baseline]["ids"] == (0, 1)
     assert "world size 2" in results["divisibility_error"]
     assert results["sync_dist_warnings"] == []  # evaluation metrics are logged with sync_dist under 2 processes
@@ -109,7 +120,8 @@ def test_simulated_equals_two_processes(tmp_path, two_process_results, baseline)
 def test_two_process_checkpoint_resumes_in_one_process(tmp_path, two_process_results):
     """A CoBo checkpoint written by 2 processes resumes under P=1 and equals an uninterrupted P=1 run (1e-10)."""
     out, _ = two_process_results
-    resumed = _fit(tmp_path / "a", "none", devices=1, steps=STEPS + 3, ckpt_path=os.path.join(out, "p2.ckpt"))
-    straight = _fit(tmp_path / "b", "none", devices=1, steps=STEPS + 3)
+    resumed = _fit(tmp_path / "a", "cobo", devices=1, steps=STEPS + 3, ckpt_path=os.path.join(out, "p2.ckpt"))
+    straight = _fit(tmp_path / "b", "cobo", devices=1, steps=STEPS + 3)
     torch.testing.assert_close(resumed.strategy.stack.X, straight.strategy.stack.X, atol=TOL, rtol=0)
-    torch.testing.assert_close(resumed.strategy.W, straight.strategy.W, atol=TOL, rtol=0)
+    W_resumed, W_straight = resumed.strategy.collaboration_matrix(), straight.strategy.collaboration_matrix()
+    torch.testing.assert_close(W_resumed, W_straight, atol=TOL, rtol=0)

@@ -135,7 +135,7 @@ def test_cli_cobo_bad_rho_message(tmp_path, capsys):
     """(3) A bad algorithm argument of the collaborative example is reported by its own message."""
     code, last = _run_main(
         ["fit", "-c", str(EXAMPLES / "cobo_digits.yaml"), f"--trainer.default_root_dir={tmp_path}",
-         "--trainer.strategy.init_args.rho=-1"],
+         "--trainer.strategy.init_args.algorithm.init_args.rho=-1"],
         capsys,
     )  # fmt: skip
     assert code == 1 and "`rho` must be >= 0" in last and "Union" not in last

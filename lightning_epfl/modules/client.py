@@ -1,13 +1,15 @@
 """Client modules
 ================
 
-The one-client module contract of the collaborative core (``collaborative_core.md`` §2.2) and a small MLP that
-follows it. A :class:`ClientModule` trains on its own like any LightningModule; under a
-:class:`~lightning_epfl.strategies.CollaborativeStrategy` its trainable parameters are stacked over clients and the
-strategy calls :meth:`ClientModule.client_loss` / :meth:`ClientModule.client_metrics` through ``torch.func``.
+The one-client module contract of the collaborative core and a small MLP that follows it. A :class:`ClientModule`
+trains on its own like any LightningModule; under a :class:`~lightning_epfl.strategies.CollaborativeStrategy` its
+trainable parameters are stacked over clients and the strategy calls :meth:`ClientModule.client_loss` /
+:meth:`ClientModule.client_metrics` through ``torch.func``, then :meth:`ClientModule.metrics_from_sums` to turn the
+per-client sums into the metrics it logs (so ``val/acc`` means the same with and without the strategy: the mean over
+clients of each client's accuracy).
 
-Batches are tuples ``(x, y)`` or ``(x, y, mask)``; ``mask`` (float, shape ``[B]``) marks real examples in a padded
-batch (1) and padding (0).
+The MLP's batches are tuples ``(x, y)`` or ``(x, y, mask)``; ``mask`` (float, shape ``[B]``) marks real examples in
+a padded batch (1) and padding (0). Other client modules may use dict batches (``CausalLMModule``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,10 @@ class ClientModule(LightningModule):
     * :meth:`client_loss` ``(batch) -> Tensor``: scalar mean loss over the leading batch dimension (must work at
       batch size 1);
     * :meth:`client_metrics` ``(batch) -> dict[str, Tensor]``: per-batch **sums** (``loss_sum``, ``correct``,
-      ``count``) so that aggregation over batches and clients is exact.
+      ``count``; any ``<name>_sum`` plus the count key :attr:`count_key`) so that aggregation over batches and
+      clients is exact;
+    * :meth:`metrics_from_sums` turns the summed statistics into metrics (``loss_sum / count`` -> ``loss``,
+      ``correct / count`` -> ``acc``); override it for other metrics.
 
     The default ``training_step``/``validation_step``/``test_step`` call these hooks, so the same module trains alone
     (metric keys ``train/loss``, ``val/loss``, ``val/acc``, ``test/...``).
@@ -58,6 +63,9 @@ class ClientModule(LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
 
+    count_key: str = "count"
+    """Key of :meth:`client_metrics` holding the number of items the sums run over."""
+
     def client_loss(self, batch: Any) -> Tensor:
         """Return the scalar mean loss of one client's batch (pure function of parameters and batch)."""
         raise NotImplementedError
@@ -66,12 +74,27 @@ class ClientModule(LightningModule):
         """Return per-batch sums (``loss_sum``, ``correct``, ``count``) for one client's batch."""
         raise NotImplementedError
 
+    def metrics_from_sums(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Metrics from summed statistics: ``<name>_sum / count`` -> ``<name>``, ``correct / count`` -> ``acc``.
+
+        Args:
+            sums: The keys of :meth:`client_metrics`, each a tensor of any shape (``[n]`` per client under the
+                strategy, scalars for one batch).
+
+        Returns:
+            ``{metric name: tensor of the same shape}``.
+        """
+        count = sums[self.count_key].clamp_min(1)
+        out = {k[: -len("_sum")]: v / count for k, v in sums.items() if k.endswith("_sum")}
+        if "correct" in sums:
+            out["acc"] = sums["correct"] / count
+        return out
+
     def _log_metrics(self, stage: str, batch: Any) -> None:
         m = self.client_metrics(batch)
-        count = m["count"].clamp_min(1)
-        self.log(f"{stage}/loss", m["loss_sum"] / count, prog_bar=stage == "val", sync_dist=True)
-        if "correct" in m:
-            self.log(f"{stage}/acc", m["correct"] / count, prog_bar=stage == "val", sync_dist=True)
+        count = int(m[self.count_key])
+        for name, value in self.metrics_from_sums(m).items():
+            self.log(f"{stage}/{name}", value, prog_bar=stage == "val", sync_dist=True, batch_size=max(count, 1))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         loss = self.client_loss(batch)

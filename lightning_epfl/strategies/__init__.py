@@ -4,7 +4,6 @@ from lightning_epfl.strategies.collaborative import (
     IFCA,
     ClientStack,
     CoBo,
-    CoBoStrategy,
     CollaborativeAlgorithm,
     CollaborativeStrategy,
     Communicator,
@@ -14,6 +13,7 @@ from lightning_epfl.strategies.collaborative import (
     Local,
     LocalCommunicator,
     Oracle,
+    PairwiseSecret,
     StepContext,
     TorchDistributedCommunicator,
 )
@@ -21,7 +21,6 @@ from lightning_epfl.strategies.collaborative import (
 __all__ = [
     "ClientStack",
     "CoBo",
-    "CoBoStrategy",
     "CollaborativeAlgorithm",
     "CollaborativeStrategy",
     "Communicator",
@@ -32,6 +31,7 @@ __all__ = [
     "Local",
     "LocalCommunicator",
     "Oracle",
+    "PairwiseSecret",
     "StepContext",
     "TorchDistributedCommunicator",
 ]

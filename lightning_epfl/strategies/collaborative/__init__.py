@@ -1,30 +1,29 @@
-"""Collaborative core: stacked clients, communicators, the strategy, baselines and CoBo.
+"""Collaborative core: one strategy, pluggable algorithms (CoBo and the baselines), stacked clients, communicators.
 
-See ``collaborative_core.md`` and ``cobo.md``. The strategy names ``"collaborative"`` and ``"cobo"`` are registered
-in Lightning's strategy registry on import.
+``CollaborativeStrategy(algorithm=...)`` is the single entry point; the name ``"collaborative"`` is registered in
+Lightning's strategy registry on import.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext
 from lightning_epfl.strategies.collaborative.baselines import IFCA, Ditto, FedAvg, FedAvgFineTune, Local, Oracle
-from lightning_epfl.strategies.collaborative.cobo import CoBo, CoBoStrategy
+from lightning_epfl.strategies.collaborative.cobo import CoBo
 from lightning_epfl.strategies.collaborative.communicator import (
     Communicator,
     LocalCommunicator,
     TorchDistributedCommunicator,
 )
+from lightning_epfl.strategies.collaborative.secrets import PairwiseSecret
 from lightning_epfl.strategies.collaborative.stack import ClientStack, stack_client_batches
 from lightning_epfl.strategies.collaborative.strategy import CollaborativeStrategy
 
-for _cls, _name in ((CollaborativeStrategy, "collaborative"), (CoBoStrategy, "cobo")):
-    if _name not in StrategyRegistry:
-        _cls.register_strategies(StrategyRegistry)
+if "collaborative" not in StrategyRegistry:
+    CollaborativeStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
     "ClientStack",
     "CoBo",
-    "CoBoStrategy",
     "CollaborativeAlgorithm",
     "CollaborativeStrategy",
     "Communicator",
@@ -35,6 +34,7 @@ __all__ = [
     "Local",
     "LocalCommunicator",
     "Oracle",
+    "PairwiseSecret",
     "StepContext",
     "TorchDistributedCommunicator",
     "stack_client_batches",

@@ -1,15 +1,16 @@
 """Collaborative algorithm interface
 ===================================
 
-The plug-in point of the collaborative core (``collaborative_core.md`` §2.4, §2.6): an algorithm computes client
-gradients, acts before and after the (user's) optimizer step, and exposes its collaboration matrix and the rows to
-evaluate. It only talks through :class:`StepContext` and its :class:`~.communicator.Communicator`, so the same code
-runs simulated in one process and over ``torch.distributed``.
+The plug-in point of the collaborative core: an algorithm computes client gradients, acts before and after the
+(user's) optimizer step, and exposes its collaboration matrix and the rows to evaluate. It only talks through
+:class:`StepContext` (parameters, gradients, topology, communicator, seeded generators) and its
+:class:`~.communicator.Communicator`, so the same code runs simulated in one process and over ``torch.distributed``.
+Each algorithm is a class with its own typed, validated arguments, passed to
+``CollaborativeStrategy(algorithm=...)`` (YAML: ``algorithm: {class_path: ..., init_args: {...}}``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,14 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_epfl.functional.topology import Topology
 from lightning_epfl.strategies.collaborative.communicator import Communicator
 from lightning_epfl.strategies.collaborative.stack import ClientStack, StackSlot, stack_client_batches
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed derived deterministically from ``parts`` (identical on every process and run)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+from lightning_epfl.utilities import seeded_generator
 
 
 @dataclass
@@ -40,6 +37,8 @@ class StepContext:
         lr: Learning rate of the current step (``optimizer.param_groups[0]["lr"]``).
         max_steps: The trainer's ``max_steps`` (``-1`` if unbounded).
         G: Flat gradient ``[n_local, d]`` assembled from ``.grad`` after backward (``None`` before).
+        topology: The communication graph (``None`` without one); restored from checkpoints.
+        mixing_W: Its ``[n, n]`` float64 mixing matrix (``None`` without a topology).
         extra: Scratch space for algorithms (not checkpointed).
     """
 
@@ -51,7 +50,33 @@ class StepContext:
     lr: float = 0.0
     max_steps: int = -1
     G: Tensor | None = None
+    topology: Topology | None = None
+    mixing_W: Tensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def neighbours(self) -> list[tuple[int, ...]]:
+        """Neighbour lists of this process's clients (``local_ids`` order); raises without a topology."""
+        topo = self._require_topology()
+        return [topo.neighbours(i) for i in self.local_ids]
+
+    @property
+    def edges(self) -> list[tuple[int, int]]:
+        """All edges ``(i, j)``, ``i < j``, of the topology; raises without a topology."""
+        return self._require_topology().edges
+
+    def _require_topology(self) -> Topology:
+        if self.topology is None:
+            raise ValueError("this algorithm needs a communication graph: set `CollaborativeStrategy(topology=...)`.")
+        return self.topology
+
+    def exchange_with_neighbours(self, x: Tensor) -> list[dict[int, Tensor]]:
+        """Rows of ``x`` (``[n_local, ...]``) from each local client's neighbours only (point-to-point)."""
+        return self.comm.exchange(x, self.neighbours)
+
+    def pairwise_keys(self, context: bytes) -> dict[tuple[int, int], Any]:
+        """Fresh X25519/HKDF keys for every edge touching this process (collective; in memory only)."""
+        return self.comm.agree_pairwise_keys(self.edges, context)
 
     @property
     def X(self) -> Tensor:
@@ -85,7 +110,7 @@ class StepContext:
 
     def generator(self, client_id: int, stream: str) -> torch.Generator:
         """A CPU generator seeded by ``(seed, client_id, stream, step)``: identical in every process layout."""
-        return torch.Generator().manual_seed(derive_seed(self.seed, client_id, stream, self.step))
+        return seeded_generator(self.seed, client_id, stream, self.step)
 
     def extra_batches(self, client_ids: list[int], size: int, stream: str) -> Any:
         """Stack ``datamodule.extra_batch(i, size, stream)`` for ``client_ids`` (padded with a mask if needed).
@@ -109,7 +134,7 @@ class StepContext:
 
 
 class CollaborativeAlgorithm:
-    """Base class of collaborative update rules (Local behaviour by default).
+    """Base class of collaborative update rules (no communication by default).
 
     Subclasses override some of the hooks below. All state that must survive a restart goes through
     :meth:`state_dict`/:meth:`load_state_dict` and must be identical on every process (replicated), so that the

@@ -3,9 +3,10 @@
 
 Local, FedAvg (FedSGD with ``local_steps=1``), FedAvg + fine-tuning, Ditto (arXiv:2012.04221), IFCA
 (arXiv:2006.04088) and the Oracle (FedAvg inside the true clusters), written once against
-:class:`~.algorithm.StepContext` and the communicator (``collaborative_core.md`` §6), so they run simulated and
-multi-process alike. They follow the papers rather than ``epfml/CoBo``'s variants (whose Ditto samples two clients
-per step and moves the global model by the personal gradients, and whose FedAvg averages the momentum).
+:class:`~.algorithm.StepContext` and the communicator, so they run simulated and multi-process alike; each is an
+``algorithm`` of :class:`~.strategy.CollaborativeStrategy`. They follow the papers rather than ``epfml/CoBo``'s
+variants (whose Ditto samples two clients per step and moves the global model by the personal gradients, and whose
+FedAvg averages the momentum).
 All algorithm state is replicated across processes.
 """
 
@@ -14,19 +15,21 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
-from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext, derive_seed
+from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext
+from lightning_epfl.utilities import derive_seed
 
 
 def _true_clusters(ctx: StepContext, who: str) -> Tensor:
     clusters = getattr(ctx.datamodule, "true_clusters", None)
     if clusters is None:
-        raise ValueError(f"{who} needs `datamodule.true_clusters` (a partition with known clusters).")
+        raise MisconfigurationException(f"{who} needs `datamodule.true_clusters` (a partition with known clusters).")
     clusters = torch.as_tensor(clusters, dtype=torch.long).cpu()
     if clusters.numel() != ctx.n_clients:
-        raise ValueError(f"`true_clusters` has {clusters.numel()} entries for {ctx.n_clients} clients.")
+        raise MisconfigurationException(f"`true_clusters` has {clusters.numel()} entries for {ctx.n_clients} clients.")
     return clusters
 
 
@@ -46,16 +49,16 @@ class FedAvg(CollaborativeAlgorithm):
         weighting: ``"uniform"`` or ``"num_samples"`` (weights from ``datamodule.client_sizes``).
 
     Raises:
-        ValueError: If ``local_steps < 1`` or ``weighting`` is unknown.
+        MisconfigurationException: If ``local_steps < 1`` or ``weighting`` is unknown.
     """
 
     name = "fedavg"
 
     def __init__(self, local_steps: int = 1, weighting: Literal["uniform", "num_samples"] = "uniform") -> None:
         if local_steps < 1:
-            raise ValueError(f"`local_steps` must be >= 1, got {local_steps}.")
+            raise MisconfigurationException(f"`local_steps` must be >= 1, got {local_steps}.")
         if weighting not in ("uniform", "num_samples"):
-            raise ValueError(f"`weighting` must be 'uniform' or 'num_samples', got {weighting!r}.")
+            raise MisconfigurationException(f"`weighting` must be 'uniform' or 'num_samples', got {weighting!r}.")
         self.local_steps = local_steps
         self.weighting = weighting
         self._weights: Tensor | None = None
@@ -64,7 +67,7 @@ class FedAvg(CollaborativeAlgorithm):
         if self.weighting == "num_samples":
             sizes = getattr(ctx.datamodule, "client_sizes", None)
             if sizes is None:
-                raise ValueError("`weighting='num_samples'` needs `datamodule.client_sizes`.")
+                raise MisconfigurationException("`weighting='num_samples'` needs `datamodule.client_sizes`.")
             w = torch.as_tensor(sizes, dtype=torch.float64)
         else:
             w = torch.ones(ctx.n_clients, dtype=torch.float64)
@@ -97,7 +100,7 @@ class FedAvgFineTune(FedAvg):
         weighting: As :class:`FedAvg`.
 
     Raises:
-        ValueError: If ``finetune_steps < 0``, or (in ``setup``) ``max_steps`` is not set.
+        MisconfigurationException: If ``finetune_steps < 0``, or (in ``setup``) ``max_steps`` is not set.
     """
 
     name = "fedavg_ft"
@@ -107,13 +110,13 @@ class FedAvgFineTune(FedAvg):
     ) -> None:
         super().__init__(local_steps=local_steps, weighting=weighting)
         if finetune_steps < 0:
-            raise ValueError(f"`finetune_steps` must be >= 0, got {finetune_steps}.")
+            raise MisconfigurationException(f"`finetune_steps` must be >= 0, got {finetune_steps}.")
         self.finetune_steps = finetune_steps
 
     def setup(self, ctx: StepContext) -> None:
         super().setup(ctx)
         if ctx.max_steps is None or ctx.max_steps < 0:
-            raise ValueError("FedAvgFineTune needs `Trainer(max_steps=...)` to know when fine-tuning starts.")
+            raise MisconfigurationException("FedAvgFineTune needs `trainer.max_steps` to know when fine-tuning starts.")
 
     def averaging_active(self, ctx: StepContext) -> bool:
         return ctx.step < ctx.max_steps - self.finetune_steps and super().averaging_active(ctx)
@@ -130,14 +133,14 @@ class Ditto(CollaborativeAlgorithm):
         lam: Proximal weight ``lambda >= 0`` (0: ``v`` is Local and ``w`` is FedAvg).
 
     Raises:
-        ValueError: If ``lam < 0``.
+        MisconfigurationException: If ``lam < 0``.
     """
 
     name = "ditto"
 
     def __init__(self, lam: float = 1.0) -> None:
         if lam < 0:
-            raise ValueError(f"`lam` must be >= 0, got {lam}.")
+            raise MisconfigurationException(f"`lam` must be >= 0, got {lam}.")
         self.lam = lam
         self.w: Tensor | None = None
         self._gw: Tensor | None = None
@@ -185,14 +188,14 @@ class IFCA(CollaborativeAlgorithm):
         n_clusters: Number of centres ``K >= 1``.
 
     Raises:
-        ValueError: If ``n_clusters < 1``.
+        MisconfigurationException: If ``n_clusters < 1``.
     """
 
     name = "ifca"
 
     def __init__(self, n_clusters: int = 4) -> None:
         if n_clusters < 1:
-            raise ValueError(f"`n_clusters` must be >= 1, got {n_clusters}.")
+            raise MisconfigurationException(f"`n_clusters` must be >= 1, got {n_clusters}.")
         self.n_clusters = n_clusters
         self.centres: Tensor | None = None
         self.assignment: Tensor | None = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
@@ -32,61 +33,39 @@ from lightning_epfl.functional.cobo import (
     sample_pairs,
     stability_product,
 )
-from lightning_epfl.functional.collab_metrics import cluster_assignments
-from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext, derive_seed
-from lightning_epfl.strategies.collaborative.baselines import IFCA, Ditto, FedAvg, FedAvgFineTune, Local, Oracle
-from lightning_epfl.strategies.collaborative.strategy import CollaborativeStrategy
-
-BASELINES = ("none", "local", "fedavg", "fedavg_ft", "ditto", "ifca", "oracle")
-
-
-def _check_cobo_args(
-    rho: float,
-    gamma: float,
-    domain: str,
-    w_init: float | None,
-    pair_sampling: str,
-    pair_rate: float,
-    pair_decay: float,
-    pair_batch_size: int | None,
-    update_every: int,
-    start_step: int,
-    consensus_step: str,
-    inner_product: str,
-) -> None:
-    if rho < 0:
-        raise ValueError(f"`rho` must be >= 0, got {rho}.")
-    if gamma <= 0:
-        raise ValueError(f"`gamma` must be > 0, got {gamma}.")
-    if domain not in ("box", "simplex"):
-        raise ValueError(f"`domain` must be 'box' or 'simplex', got {domain!r}.")
-    if w_init is not None and domain == "simplex" and not 0 < w_init <= 1:
-        raise ValueError(f"`w_init` must be in (0, 1] with `domain='simplex'`, got {w_init}.")
-    if w_init is not None and domain == "box" and not 0 <= w_init <= 1:
-        raise ValueError(f"`w_init` must be in [0, 1] with `domain='box'`, got {w_init}.")
-    if pair_sampling not in ("mixed", "constant", "all"):
-        raise ValueError(f"`pair_sampling` must be 'mixed', 'constant' or 'all', got {pair_sampling!r}.")
-    if pair_rate <= 0:
-        raise ValueError(f"`pair_rate` must be > 0, got {pair_rate}.")
-    if pair_decay <= 0:
-        raise ValueError(f"`pair_decay` must be > 0, got {pair_decay}.")
-    if pair_batch_size is not None and (pair_batch_size == 0 or pair_batch_size < -1):
-        raise ValueError(f"`pair_batch_size` must be -1 (full local set), None or >= 1, got {pair_batch_size}.")
-    if update_every < 1:
-        raise ValueError(f"`update_every` must be >= 1, got {update_every}.")
-    if start_step < 0:
-        raise ValueError(f"`start_step` must be >= 0, got {start_step}.")
-    if consensus_step not in ("lr_scaled", "fixed"):
-        raise ValueError(f"`consensus_step` must be 'lr_scaled' or 'fixed', got {consensus_step!r}.")
-    if inner_product not in ("raw", "cosine"):
-        raise ValueError(f"`inner_product` must be 'raw' or 'cosine', got {inner_product!r}.")
+from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext
+from lightning_epfl.utilities import derive_seed
 
 
 class CoBo(CollaborativeAlgorithm):
-    """The CoBo update rule (see the module docstring; arguments as in :class:`CoBoStrategy`).
+    """The CoBo update rule (arXiv:2409.05539, Algorithm 1): learned collaboration weights ``W`` and a consensus step.
 
     State (replicated on every process, checkpointed): ``W``. Pairs are drawn from a generator seeded by
-    ``(seed, step)``, so the schedule needs no state and is identical in every process layout.
+    ``(seed, step)``, so the schedule needs no state and is identical in every process layout. Use it as
+    ``CollaborativeStrategy(algorithm=CoBo(rho=0.3, gamma=0.1))``; compare with a baseline by swapping the algorithm
+    (``Local()``, ``FedAvg()``, ``Ditto(lam=...)``, ``IFCA(n_clusters=...)``, ``Oracle()``).
+
+    Args:
+        rho: Consensus strength ``rho >= 0``.
+        gamma: W step size ``gamma > 0`` (scale-dependent: 0.01 for ResNet-9/CIFAR, 0.1 for the digits MLP).
+        domain: ``"box"`` (``w`` in ``[0, 1]``, symmetric) or ``"simplex"`` (rows on the simplex, the LLM variant).
+        w_init: Initial off-diagonal weight (``None``: 1 for box, ``1/(n-1)`` for simplex).
+        pair_sampling: ``"mixed"`` (``min(1, r/n)`` during warm-up, then also capped by ``c/sqrt(t+1)``),
+            ``"constant"`` (``min(1, r/n)``) or ``"all"``.
+        pair_rate: ``r > 0``.
+        pair_warmup_steps: Warm-up length of the pair schedule (``>= 0``).
+        pair_decay: ``c > 0``.
+        pair_batch_size: Size of the extra pair batches; ``-1`` = the client's full local set; ``None`` = the
+            datamodule's ``batch_size``.
+        update_every: W-step period in steps (``>= 1``).
+        start_step: First step with a W step (``>= 0``).
+        consensus_step: ``"lr_scaled"`` (``eta_t rho``) or ``"fixed"`` (``rho``, the LLM variant).
+        inner_product: ``"raw"`` (paper) or ``"cosine"`` (scale-free extension, not in the paper).
+        allow_unstable: Allow ``eta rho lambda_max(L_W) > 2`` (see :meth:`check_stability`).
+
+    Raises:
+        MisconfigurationException: For any argument outside the ranges above (the message names it); in
+            ``setup``, an unstable ``eta rho lambda_max(L_W) > 2`` unless ``allow_unstable``.
     """
 
     name = "cobo"
@@ -108,10 +87,37 @@ class CoBo(CollaborativeAlgorithm):
         inner_product: Literal["raw", "cosine"] = "raw",
         allow_unstable: bool = False,
     ) -> None:
-        _check_cobo_args(
-            rho, gamma, domain, w_init, pair_sampling, pair_rate, pair_decay, pair_batch_size, update_every,
-            start_step, consensus_step, inner_product,
-        )  # fmt: skip
+        checks = [
+            (rho >= 0, f"`rho` must be >= 0, got {rho}."),
+            (gamma > 0, f"`gamma` must be > 0, got {gamma}."),
+            (domain in ("box", "simplex"), f"`domain` must be 'box' or 'simplex', got {domain!r}."),
+            (
+                w_init is None or (0 < w_init <= 1 if domain == "simplex" else 0 <= w_init <= 1),
+                f"`w_init` must be in {'(0, 1]' if domain == 'simplex' else '[0, 1]'} with `domain={domain!r}`, "
+                f"got {w_init}.",
+            ),
+            (
+                pair_sampling in ("mixed", "constant", "all"),
+                f"`pair_sampling` must be 'mixed', 'constant' or 'all', got {pair_sampling!r}.",
+            ),
+            (pair_rate > 0, f"`pair_rate` must be > 0, got {pair_rate}."),
+            (pair_warmup_steps >= 0, f"`pair_warmup_steps` must be >= 0, got {pair_warmup_steps}."),
+            (pair_decay > 0, f"`pair_decay` must be > 0, got {pair_decay}."),
+            (
+                pair_batch_size is None or pair_batch_size == -1 or pair_batch_size >= 1,
+                f"`pair_batch_size` must be -1 (full local set), None or >= 1, got {pair_batch_size}.",
+            ),
+            (update_every >= 1, f"`update_every` must be >= 1, got {update_every}."),
+            (start_step >= 0, f"`start_step` must be >= 0, got {start_step}."),
+            (
+                consensus_step in ("lr_scaled", "fixed"),
+                f"`consensus_step` must be 'lr_scaled' or 'fixed', got {consensus_step!r}.",
+            ),
+            (inner_product in ("raw", "cosine"), f"`inner_product` must be 'raw' or 'cosine', got {inner_product!r}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MisconfigurationException(f"CoBo: {message}")
         self.rho = rho
         self.gamma = gamma
         self.domain = domain
@@ -146,15 +152,18 @@ class CoBo(CollaborativeAlgorithm):
         return lr * self.rho if self.consensus_step == "lr_scaled" else self.rho
 
     def check_stability(self, lr: float) -> float:
-        """Warn if ``eta rho lambda_max(L_W) > 1``; raise if ``> 2`` unless ``allow_unstable`` (cobo.md §1).
+        """Warn if ``eta rho lambda_max(L_W) > 1``; raise if ``> 2`` unless ``allow_unstable``.
+
+        The consensus step ``x <- x - eta rho L_W x`` is a gradient step on ``(1/2) x^T L_W x``; it contracts for
+        ``eta rho lambda_max(L_W) < 2`` and is monotone (no oscillation) below 1.
 
         Raises:
-            ValueError: If the product exceeds 2 and ``allow_unstable`` is False.
+            MisconfigurationException: If the product exceeds 2 and ``allow_unstable`` is False.
         """
         assert self.W is not None
         prod = stability_product(self.consensus_coefficient(lr), 1.0, self.W)
         if prod > 2 and not self.allow_unstable:
-            raise ValueError(
+            raise MisconfigurationException(
                 f"unstable consensus: eta*rho*lambda_max(L_W) = {prod:.3g} > 2 (rho={self.rho}, lr={lr}, "
                 f"n={self.W.shape[0]}); lower `rho` or the learning rate, or set `allow_unstable=True`."
             )
@@ -235,138 +244,3 @@ class CoBo(CollaborativeAlgorithm):
         if state.get("W") is not None:
             device = self.W.device if self.W is not None else "cpu"
             self.W = state["W"].to(device=device, dtype=torch.float64)
-
-
-class CoBoStrategy(CollaborativeStrategy):
-    """CoBo on the collaborative core, with the core's baselines one argument away (``baseline=``).
-
-    Args:
-        n_clients: Number of clients (``None``: ``datamodule.n_clients``).
-        rho: Consensus strength ``rho >= 0``.
-        gamma: W step size ``gamma > 0`` (scale-dependent: 0.01 for ResNet-9/CIFAR, 0.1 for the digits MLP).
-        domain: ``"box"`` (``w`` in ``[0, 1]``, symmetric) or ``"simplex"`` (rows on the simplex, the LLM variant).
-        w_init: Initial off-diagonal weight (``None``: 1 for box, ``1/(n-1)`` for simplex).
-        pair_sampling: ``"mixed"`` (``min(1, r/n)`` during warm-up, then also capped by ``c/sqrt(t+1)``),
-            ``"constant"`` (``min(1, r/n)``) or ``"all"``.
-        pair_rate: ``r > 0``. pair_warmup_steps: warm-up length. pair_decay: ``c > 0``.
-        pair_batch_size: Size of the extra pair batches; ``-1`` = the client's full local set; ``None`` = the
-            datamodule's ``batch_size``.
-        update_every: W-step period in steps. start_step: first step with a W step.
-        consensus_step: ``"lr_scaled"`` (``eta_t rho``) or ``"fixed"`` (``rho``, the LLM variant).
-        inner_product: ``"raw"`` (paper) or ``"cosine"`` (scale-free extension, not in the paper).
-        communicate: Communicated parameters (see :class:`CollaborativeStrategy`).
-        baseline: ``"none"`` (CoBo) or one of the core's baselines with the same data, evaluation and logging.
-        ditto_lambda: Ditto's ``lambda``. ifca_clusters: IFCA's ``K`` (required for IFCA).
-        finetune_steps: Local steps at the end of FedAvg + fine-tuning.
-        allow_unstable: Allow ``eta rho lambda_max(L_W) > 2``.
-        seed, execution, client_chunk_size, log_per_client, process_group_backend, start_method: See
-            :class:`CollaborativeStrategy`.
-
-    Raises:
-        ValueError: ``rho < 0``, ``gamma <= 0``, ``pair_rate <= 0``, ``pair_batch_size`` 0 or below -1, an unknown
-            ``baseline``/``domain``/schedule, ``ifca_clusters`` missing for IFCA, ``w_init`` outside its domain; in
-            ``setup``: an unstable ``eta rho lambda_max`` (see :meth:`CoBo.check_stability`), Oracle without
-            ``datamodule.true_clusters``, and the core's checks.
-    """
-
-    strategy_name = "cobo"
-
-    def __init__(
-        self,
-        n_clients: int | None = None,
-        rho: float = 0.05,
-        gamma: float = 0.01,
-        domain: Literal["box", "simplex"] = "box",
-        w_init: float | None = None,
-        pair_sampling: Literal["mixed", "constant", "all"] = "mixed",
-        pair_rate: float = 2.0,
-        pair_warmup_steps: int = 800,
-        pair_decay: float = 1.0,
-        pair_batch_size: int | None = None,
-        update_every: int = 1,
-        start_step: int = 0,
-        consensus_step: Literal["lr_scaled", "fixed"] = "lr_scaled",
-        inner_product: Literal["raw", "cosine"] = "raw",
-        communicate: Literal["trainable", "all"] | list[str] = "trainable",
-        baseline: Literal["none", "local", "fedavg", "fedavg_ft", "ditto", "ifca", "oracle"] = "none",
-        ditto_lambda: float = 1.0,
-        ifca_clusters: int | None = None,
-        finetune_steps: int = 150,
-        allow_unstable: bool = False,
-        seed: int = 0,
-        execution: Literal["vmap", "loop"] = "vmap",
-        client_chunk_size: int | None = None,
-        log_per_client: bool = False,
-        process_group_backend: str | None = None,
-        start_method: Literal["popen", "spawn", "fork"] = "popen",
-    ) -> None:
-        if baseline not in BASELINES:
-            raise ValueError(f"`baseline` must be one of {BASELINES}, got {baseline!r}.")
-        if baseline == "ifca" and ifca_clusters is None:
-            raise ValueError("`ifca_clusters` must be set when `baseline='ifca'`.")
-        algorithm: CollaborativeAlgorithm
-        if baseline == "none":
-            algorithm = CoBo(
-                rho, gamma, domain, w_init, pair_sampling, pair_rate, pair_warmup_steps, pair_decay, pair_batch_size,
-                update_every, start_step, consensus_step, inner_product, allow_unstable,
-            )  # fmt: skip
-        else:
-            _check_cobo_args(
-                rho, gamma, domain, w_init, pair_sampling, pair_rate, pair_decay, pair_batch_size, update_every,
-                start_step, consensus_step, inner_product,
-            )  # fmt: skip
-            algorithm = {
-                "local": lambda: Local(),
-                "fedavg": lambda: FedAvg(),
-                "fedavg_ft": lambda: FedAvgFineTune(finetune_steps),
-                "ditto": lambda: Ditto(ditto_lambda),
-                "ifca": lambda: IFCA(int(ifca_clusters)),
-                "oracle": lambda: Oracle(),
-            }[baseline]()
-        super().__init__(
-            algorithm=algorithm,
-            n_clients=n_clients,
-            communicate=communicate,
-            execution=execution,
-            client_chunk_size=client_chunk_size,
-            log_per_client=log_per_client,
-            seed=seed,
-            process_group_backend=process_group_backend,
-            start_method=start_method,
-        )
-        self.baseline = baseline
-
-    @property
-    def W(self) -> Tensor | None:
-        """The collaboration matrix ``[n, n]`` (CoBo's learned ``W``; a baseline's matrix otherwise)."""
-        return self.algorithm.collaboration_matrix()
-
-    def collaboration_matrix(self) -> Tensor | None:
-        """Alias of :attr:`W` (the box-mode diagonal is meaningless)."""
-        return self.W
-
-    def cluster_assignments(
-        self, k: int | None = None, method: Literal["components", "spectral"] = "components", threshold: float = 0.5
-    ) -> Tensor:
-        """Cluster labels ``[n]`` read from ``W``: components of ``W > threshold``, or spectral clustering into ``k``.
-
-        Delegates to :func:`lightning_epfl.functional.collab_metrics.cluster_assignments` (``k=None`` with
-        ``"spectral"`` uses the number of components).
-
-        Raises:
-            ValueError: If no matrix exists yet or ``method`` is unknown.
-        """
-        W = self.W
-        if W is None:
-            raise ValueError("no collaboration matrix yet (call after setup).")
-        return cluster_assignments(W.cpu(), k=k, method=method, threshold=threshold, seed=self.seed)
-
-    def pair_probability(self, step: int) -> float:
-        """``p_t`` of the CoBo schedule at ``step``."""
-        if not isinstance(self.algorithm, CoBo):
-            raise ValueError("`pair_probability` is defined for `baseline='none'` (CoBo) only.")
-        return self.algorithm.pair_probability(step, int(self.n_clients or 0))
-
-    @classmethod
-    def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register("cobo", cls, description="CoBo: bilevel collaboration weights (arXiv:2409.05539)")

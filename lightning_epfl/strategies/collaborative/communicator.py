@@ -1,9 +1,10 @@
 """Communicators
 ===============
 
-The small interface through which collaborative algorithms talk (``collaborative_core.md`` §3), so the same algorithm
-code runs with all clients simulated in one process (:class:`LocalCommunicator`) or with blocks of clients in several
-processes over ``torch.distributed`` (:class:`TorchDistributedCommunicator`, gloo on CPU, NCCL on CUDA).
+The small interface through which collaborative algorithms talk, so the same algorithm code runs with all clients
+simulated in one process (:class:`LocalCommunicator`) or with blocks of clients in several processes over
+``torch.distributed`` (:class:`TorchDistributedCommunicator`, gloo on CPU, NCCL on CUDA): gathers and reductions,
+dense mixing, neighbour-only exchange, and pairwise key agreement (:mod:`.secrets`).
 
 Tensors passed to client-level collectives have a leading dimension ``n_local`` (this process's clients, in client
 order); rank ``r`` holds clients ``[r * n_local, (r + 1) * n_local)``.
@@ -18,6 +19,13 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from lightning_epfl.strategies.collaborative.secrets import (
+    PairwiseSecret,
+    derive_pair_key,
+    generate_key_pairs,
+    normalize_edges,
+)
 
 _Op = Literal["sum", "mean", "max", "min"]
 
@@ -51,17 +59,53 @@ class Communicator(ABC):
         return rows @ self.all_gather(x)
 
     def exchange(self, x: Tensor, peers: Sequence[Sequence[int]]) -> list[dict[int, Tensor]]:
-        """For each local client ``k``, return ``{j: x_j for j in peers[k]}`` (rows of other clients)."""
+        """For each local client ``k``, return ``{j: x_j for j in peers[k]}``: the rows of its neighbours only.
+
+        ``peers`` (one list per local client, in ``local_ids`` order) must describe an undirected graph: ``j`` is a
+        peer of ``i`` exactly when ``i`` is a peer of ``j`` (each process only knows its own clients' lists).
+        """
         everyone = self.all_gather(x)
-        return [{j: everyone[j] for j in p} for p in peers]
+        return [{int(j): everyone[int(j)] for j in p} for p in peers]
 
     def broadcast(self, x: Tensor, src_client: int) -> Tensor:
         """Return client ``src_client``'s row of ``x`` (``[n_local, *s]``) on every process."""
         return self.all_gather(x)[src_client]
 
-    def agree_pairwise_keys(self, edges: Sequence[tuple[int, int]], context: bytes) -> dict[tuple[int, int], Any]:
-        """Pairwise key agreement (needed by Decor); not part of this issue's core."""
-        raise NotImplementedError("pairwise key agreement arrives with the Decor strategy (strategies/secrets.py).")
+    def agree_pairwise_keys(
+        self, edges: Sequence[tuple[int, int]], context: bytes = b"lightning-epfl"
+    ) -> dict[tuple[int, int], PairwiseSecret]:
+        """X25519 + HKDF-SHA256 key agreement on every edge that has an end on this process (collective).
+
+        Every local client draws a fresh key pair; the public keys are all-gathered (``uint8 [n, 32]``); each edge's
+        key is derived by its local end(s) (:func:`.secrets.derive_pair_key`) and the private keys are dropped.
+        Fresh keys on every call. In one process both ends are local, so this is testable but gives no secrecy
+        between the simulated clients.
+
+        Args:
+            edges: Undirected edges ``(i, j)`` (any order, duplicates ignored).
+            context: Domain-separation bytes, equal on every process.
+
+        Returns:
+            ``{(i, j): PairwiseSecret}`` with ``i < j`` for the edges that touch this process's clients.
+
+        Raises:
+            ValueError: On a self-loop or a client id out of range.
+        """
+        pairs = normalize_edges(edges, self.n_clients)
+        private, public = generate_key_pairs(len(self.local_ids))
+        table = self.all_gather(public).cpu()
+        mine = {cid: key for cid, key in zip(self.local_ids, private)}
+        out: dict[tuple[int, int], PairwiseSecret] = {}
+        for i, j in pairs:
+            ends = [e for e in (i, j) if e in mine]
+            if not ends:
+                continue
+            keys = [derive_pair_key(mine[e], bytes(table[j if e == i else i].tolist()), (i, j), context) for e in ends]
+            if len(keys) == 2 and keys[0] != keys[1]:  # both ends simulated here: they must agree
+                raise RuntimeError(f"key agreement failed on edge {(i, j)}.")
+            out[(i, j)] = keys[0]
+        del private, mine
+        return out
 
 
 class LocalCommunicator(Communicator):
@@ -100,8 +144,8 @@ class TorchDistributedCommunicator(Communicator):
     """Blocks of clients per process over ``torch.distributed``.
 
     ``all_gather`` uses the list form (supported by gloo and NCCL; block sizes are equal so no padding is needed).
-    ``mix`` all-gathers and multiplies the local rows: O(n d) per process. Neighbour-only point-to-point mixing
-    (``p2p``) is not implemented yet; the dense path is exact for any ``W``.
+    ``mix`` all-gathers and multiplies the local rows: O(n d) per process, exact for any ``W``; ``exchange`` sends
+    only the rows that neighbours on other processes need (point-to-point).
 
     Args:
         n_clients: Total number of clients; must be divisible by the world size.
@@ -140,6 +184,46 @@ class TorchDistributedCommunicator(Communicator):
         parts = [torch.empty_like(xb) for _ in range(self.world_size)]
         dist.all_gather(parts, xb, group=self.group)
         return torch.cat(parts).to(device)
+
+    def exchange(self, x: Tensor, peers: Sequence[Sequence[int]]) -> list[dict[int, Tensor]]:
+        """Neighbour-only exchange with point-to-point messages (``batch_isend_irecv``; every request is waited on).
+
+        Each process sends to process ``q`` the rows of its clients that have a neighbour on ``q``, and receives the
+        rows of ``q``'s clients that its clients need, so traffic is proportional to the edges that cross processes,
+        not to ``n``. ``peers`` must describe an undirected graph (see :meth:`Communicator.exchange`).
+        """
+        n_local = len(self.local_ids)
+        if x.shape[0] != n_local or len(peers) != n_local:
+            raise ValueError(f"expected {n_local} local rows and peer lists, got {tuple(x.shape)} and {len(peers)}.")
+        first = self.local_ids[0]
+        need: dict[int, set[int]] = {}
+        send: dict[int, set[int]] = {}
+        for k, plist in enumerate(peers):
+            for j in plist:
+                q = int(j) // n_local
+                if q != self.rank:
+                    need.setdefault(q, set()).add(int(j))
+                    send.setdefault(q, set()).add(first + k)
+        xb, device = self._to_backend(x)
+        ops, received = [], {}
+        for q in sorted(set(need) | set(send)):
+            if q in send:
+                rows = torch.tensor(sorted(send[q]), device=xb.device) - first
+                ops.append(dist.P2POp(dist.isend, xb.index_select(0, rows).contiguous(), q, group=self.group))
+            if q in need:
+                buf = torch.empty(len(need[q]), *xb.shape[1:], dtype=xb.dtype, device=xb.device)
+                received[q] = buf
+                ops.append(dist.P2POp(dist.irecv, buf, q, group=self.group))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        remote = {j: received[q][r].to(device) for q, ids in need.items() for r, j in enumerate(sorted(ids))}
+        out = []
+        for plist in peers:
+            out.append(
+                {int(j): (x[int(j) - first] if int(j) // n_local == self.rank else remote[int(j)]) for j in plist}
+            )
+        return out
 
     def all_reduce(self, x: Tensor, op: _Op = "sum") -> Tensor:
         ops = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}

@@ -1,11 +1,13 @@
 """Client stack
 ==============
 
-Stacks the trainable parameters of a one-client module over ``n_local`` clients (``collaborative_core.md`` §2.1):
-every trainable tensor of shape ``S`` becomes an ``nn.Parameter`` of shape ``[n_local, *S]`` that is a *view* of one
-flat buffer ``X`` of shape ``[n_local, d]`` (communicated tensors first), so that optimizer updates land in ``X`` and
-mixing is a single matrix product on ``X[:, :d_comm]``. Client losses, gradients and metrics are evaluated with
-``torch.func.functional_call`` either vectorized over clients (``vmap``) or in a Python loop (the reference).
+Stacks the trainable parameters of a one-client module over ``n_local`` clients: every trainable tensor of shape ``S``
+becomes an ``nn.Parameter`` of shape ``[n_local, *S]`` that is a *view* of one flat buffer ``X`` of shape
+``[n_local, d]`` (communicated tensors first), so that optimizer updates land in ``X`` and mixing is a single matrix
+product on ``X[:, :d_comm]``. Frozen parameters and buffers are not stacked: one copy serves every client (passed
+unbatched to ``vmap``), so a frozen base model under per-client adapters costs one copy. Client losses, gradients and
+metrics are evaluated with ``torch.func.functional_call`` either vectorized over clients (``vmap``) or in a Python
+loop (the reference). Batches are any pytree (tuples or dicts) of tensors with a leading client dimension.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from lightning_epfl.utilities import derive_seed
 
 
 @dataclass(frozen=True)
@@ -51,35 +55,126 @@ def _set_submodule_param(root: nn.Module, name: str, param: nn.Parameter) -> Non
     owner._parameters[leaf] = param
 
 
-def stack_client_batches(batches: Sequence[Any]) -> Any:
-    """Stack per-client batches ``(x, y[, mask])`` into one batch with a leading client dimension.
+def _structure(batch: Any) -> str:
+    if isinstance(batch, dict):
+        return "dict with keys " + str(sorted(batch))
+    if isinstance(batch, (tuple, list)):
+        return f"{type(batch).__name__} of {len(batch)} tensors"
+    return type(batch).__name__
 
-    Batches of unequal length are padded (by repeating the first example) to the longest one, and a float ``mask``
-    ``[n, B_max]`` (1 real, 0 padding) is appended, which :class:`~lightning_epfl.modules.ClientModule` hooks honour.
+
+def _has_mask(batch: Any) -> bool:
+    return (isinstance(batch, dict) and "mask" in batch) or (isinstance(batch, (tuple, list)) and len(batch) > 2)
+
+
+def _with_mask(batch: Any, mask: Tensor) -> Any:
+    if isinstance(batch, dict):
+        return {**batch, "mask": mask}
+    return (*batch[:2], mask)
+
+
+def stack_client_batches(batches: Sequence[Any], force_mask: bool = False) -> Any:
+    """Stack per-client batches into one batch with a leading client dimension.
+
+    Every client's batch has the same structure: a tuple ``(x, y)`` / ``(x, y, mask)``, or a dict of tensors (an
+    optional ``"mask"`` entry). The first dimension of every tensor is the example dimension. Batches of unequal
+    length are padded to the longest by repeating their first example, and a float mask ``[n, B_max]`` (1 real,
+    0 padding) is added (the third tuple element, or the ``"mask"`` key); an existing mask is padded with zeros.
 
     Args:
-        batches: One tuple/list of tensors per client; the first dimension of each tensor is the example dimension.
+        batches: One batch per client.
+        force_mask: Add the mask even when no padding is needed.
 
     Returns:
-        A tuple of stacked tensors ``[n, B, ...]`` (plus the mask when padding was needed or a mask was given).
+        The stacked batch, of the same structure, with tensors ``[n, B, ...]``.
+
+    Raises:
+        ValueError: If the clients' batches differ in structure (e.g. dict keys), or the tensors of one batch
+            differ in their example dimension.
     """
-    lengths = [len(b[0]) for b in batches]
-    has_mask = len(batches[0]) > 2
-    if not has_mask and len(set(lengths)) == 1:
-        return tuple(torch.stack([b[k] for b in batches]) for k in range(len(batches[0])))
+    if not batches:
+        raise ValueError("no client batch to stack.")
+    leaves0, spec0 = tree_flatten(batches[0])
+    flat = []
+    for c, b in enumerate(batches):
+        leaves, spec = tree_flatten(b)
+        if spec != spec0:
+            raise ValueError(
+                f"client batches differ in structure: client 0 gives a {_structure(batches[0])}, client {c} a "
+                f"{_structure(b)}; every client's batch must have the same keys."
+            )
+        sizes = {int(t.shape[0]) for t in leaves}
+        if len(sizes) != 1:
+            raise ValueError(f"client {c}'s batch mixes example dimensions {sorted(sizes)}.")
+        flat.append(leaves)
+    lengths = [int(leaves[0].shape[0]) for leaves in flat]
+    masked = _has_mask(batches[0])
+    if not masked and not force_mask and len(set(lengths)) == 1:
+        return tree_unflatten([torch.stack(ts) for ts in zip(*flat)], spec0)
+    if not masked:
+        batches = [_with_mask(b, torch.ones(n, dtype=torch.float32, device=flat[c][0].device))
+                   for c, (b, n) in enumerate(zip(batches, lengths))]  # fmt: skip
+        flat = [tree_flatten(b)[0] for b in batches]
+        spec0 = tree_flatten(batches[0])[1]
+    mask_pos = _mask_position(batches[0])
     longest = max(lengths)
-    out: list[list[Tensor]] = [[] for _ in range(3)]
-    for b, n in zip(batches, lengths):
-        pad = longest - n
-        mask = b[2].float() if has_mask else torch.ones(n, dtype=torch.float32, device=b[0].device)
-        for k, t in enumerate((b[0], b[1], mask)):
-            if pad:
-                filler = (
-                    torch.zeros_like(t[:1]).expand(pad, *t.shape[1:]) if k == 2 else t[:1].expand(pad, *t.shape[1:])
-                )
-                t = torch.cat([t, filler])
-            out[k].append(t)
-    return tuple(torch.stack(ts) for ts in out)
+    padded = []
+    for leaves, n in zip(flat, lengths):
+        out = []
+        for k, t in enumerate(leaves):
+            if n < longest:
+                fill = torch.zeros_like(t[:1]) if k == mask_pos else t[:1]
+                t = torch.cat([t, fill.expand(longest - n, *t.shape[1:])])
+            out.append(t)
+        padded.append(out)
+    return tree_unflatten([torch.stack(ts) for ts in zip(*padded)], spec0)
+
+
+def _mask_position(batch: Any) -> int:
+    """Index of the mask among the flattened leaves of a masked batch."""
+    if isinstance(batch, dict):
+        return sorted(batch).index("mask")
+    return 2
+
+
+def _independent_init(module: nn.Module, trainable: set[str], seed: int) -> dict[str, Tensor]:
+    """Fresh values of the trainable tensors: each owning module's init, under ``torch.manual_seed(seed)``.
+
+    The module keeps its weights (they are restored); the global RNG is left as it was.
+    """
+    backup = {n: p.detach().clone() for n, p in module.named_parameters()}
+    done: set[str] = set()
+    skip: set[int] = set()
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for prefix, m in module.named_modules():
+            if id(m) in skip:
+                continue
+            if hasattr(m, "reset_lora_parameters") and hasattr(m, "lora_A"):  # peft LoRA layer: A random, B zero
+                for adapter in list(m.lora_A.keys()):
+                    m.reset_lora_parameters(adapter, True)
+                for sub_prefix, sub in m.named_modules():
+                    if sub_prefix.startswith(("lora_", "lora_A", "lora_B")):
+                        skip.add(id(sub))
+                        done.update(
+                            f"{prefix}.{sub_prefix}.{n}".lstrip(".") for n, _ in sub.named_parameters(recurse=False)
+                        )
+                continue
+            own = [n for n, _ in m.named_parameters(recurse=False)]
+            names = {f"{prefix}.{n}".lstrip(".") for n in own}
+            if own and names <= trainable and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+                done |= names
+        missing = sorted(trainable - done)
+        if missing:
+            raise ValueError(
+                f"`client_init='independent'` cannot re-initialize {missing[:3]}: their modules have no "
+                "`reset_parameters()` (or also hold frozen tensors); use `client_init='same'`."
+            )
+        values = {n: p.detach().clone() for n, p in module.named_parameters() if n in trainable}
+        for n, p in module.named_parameters():
+            p.copy_(backup[n])
+    return values
 
 
 class ClientStack:
@@ -96,10 +191,16 @@ class ClientStack:
             parameter names selecting the communicated subset; the others stay personal.
         execution: ``"vmap"`` (vectorized over clients) or ``"loop"`` (Python loop, the reference).
         chunk_size: ``vmap`` chunk size over clients (bounds activation memory); ``None`` for all at once.
+        client_ids: The clients of the rows (default ``0..n_local-1``); seeds ``client_init="independent"``.
+        client_init: ``"same"`` (every row starts from the module's current weights) or ``"independent"`` (row of
+            client ``c`` re-initialized by its modules' ``reset_parameters()``, peft LoRA layers by
+            ``reset_lora_parameters``, under a generator seeded by ``(seed, c)``: the same in every process layout).
+        seed: Seed of ``client_init="independent"``.
 
     Raises:
         ValueError: If ``n_local < 1``, the module has no trainable parameter, dtypes differ, ``execution`` is unknown,
-            or a ``communicate`` pattern matches nothing.
+            a ``communicate`` pattern matches nothing, or ``client_init="independent"`` meets a trainable tensor whose
+            module cannot re-initialize it.
     """
 
     def __init__(
@@ -109,6 +210,9 @@ class ClientStack:
         communicate: Literal["trainable", "all"] | list[str] = "trainable",
         execution: Literal["vmap", "loop"] = "vmap",
         chunk_size: int | None = None,
+        client_ids: Sequence[int] | None = None,
+        client_init: Literal["same", "independent"] = "same",
+        seed: int = 0,
     ) -> None:
         if n_local < 1:
             raise ValueError(f"`n_local` must be >= 1, got {n_local}.")
@@ -136,13 +240,22 @@ class ClientStack:
         self.d_comm = sum(p.numel() for n, p in named if n in comm)
         ref = named[0][1]
         self.X = torch.empty(n_local, self.d, dtype=ref.dtype, device=ref.device)
+        ids = list(range(n_local)) if client_ids is None else [int(i) for i in client_ids]
+        if client_init not in ("same", "independent"):
+            raise ValueError(f"`client_init` must be 'same' or 'independent', got {client_init!r}.")
+        rows: list[dict[str, Tensor]] | None = None
+        if client_init == "independent":
+            rows = [_independent_init(module, {n for n, _ in named}, derive_seed(seed, "client_init", c)) for c in ids]
         slots = []
         offset = 0
         with torch.no_grad():
             for name, p in ordered:
                 slot = StackSlot(name, tuple(p.shape), offset, p.numel(), name in comm)
                 view = self.X[:, offset : offset + p.numel()]
-                view.copy_(p.detach().reshape(1, -1).expand(n_local, -1))
+                if rows is None:
+                    view.copy_(p.detach().reshape(1, -1).expand(n_local, -1))
+                else:
+                    view.copy_(torch.stack([r[name].reshape(-1) for r in rows]))
                 _set_submodule_param(module, name, nn.Parameter(view.view(n_local, *p.shape)))
                 slots.append(slot)
                 offset += p.numel()

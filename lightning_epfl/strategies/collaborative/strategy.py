@@ -1,27 +1,27 @@
 """Collaborative strategy
 ========================
 
-:class:`CollaborativeStrategy` trains ``n`` personal copies of a one-client
-:class:`~lightning_epfl.modules.ClientModule` (``collaborative_core.md`` §2). With one process (``devices=1``) all
-clients are simulated: their trainable parameters are stacked (:class:`~.stack.ClientStack`) and evaluated with
-``torch.func.vmap``; with ``P`` processes (``P`` divides ``n``) each holds a contiguous block of clients and
-algorithms communicate over ``torch.distributed`` (gloo on CPU). It subclasses ``DDPStrategy`` for its launcher and
-process-group setup but never wraps the model in DDP (whose gradient all-reduce would be FedSGD).
+:class:`CollaborativeStrategy` trains ``n`` personal copies of a one-client module (a
+:class:`~lightning_epfl.modules.ClientModule`, or a ``CausalLMModule`` with LoRA adapters) under a pluggable
+:class:`~.algorithm.CollaborativeAlgorithm` (CoBo, the baselines, Decor, trust-weighted aggregation). With one process
+(``devices=1``) all clients are simulated: their trainable parameters are stacked (:class:`~.stack.ClientStack`) and
+evaluated with ``torch.func.vmap``; with ``P`` processes (``P`` divides ``n``) each holds a contiguous block of
+clients and algorithms communicate over ``torch.distributed`` (gloo on CPU). It subclasses ``DDPStrategy`` for its
+launcher, process-group setup and ``setup`` sequence, and stacks the clients at ``configure_ddp``, the point where
+DDP would wrap the model (its gradient all-reduce would be FedSGD).
 
 Rules for the user's module: keep automatic optimization; no ``gradient_clip_val``; no gradient accumulation; no
 BatchNorm running statistics; do not call ``self(x)`` outside the client hooks (the weights are stacked). Each
-process's dataloader must yield batches stacked over ``strategy.local_client_ids`` (``FederatedDataModule`` does),
-so ``use_distributed_sampler`` is irrelevant (iterable streams are never wrapped).
+process's dataloader must yield batches stacked over ``strategy.local_client_ids`` (``FederatedDataModule`` and
+``FederatedTextDataModule`` do).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -32,13 +32,15 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 import lightning_epfl.strategies.collaborative.algorithm as _alg
+from lightning_epfl._lightning_compat import InProcessWhenSimulated, optimizers_to_device
+from lightning_epfl.checkpoint_io import AtomicCheckpointIO
+from lightning_epfl.functional.topology import Topology, mixing_matrix
 from lightning_epfl.strategies.collaborative.communicator import (
     Communicator,
     LocalCommunicator,
     TorchDistributedCommunicator,
 )
 from lightning_epfl.strategies.collaborative.stack import ClientStack
-from lightning_epfl.utilities import atomic_write
 
 ELEMENTWISE_OPTIMIZERS = (
     torch.optim.SGD,
@@ -51,7 +53,7 @@ ELEMENTWISE_OPTIMIZERS = (
     torch.optim.RAdam,
 )
 TOPOLOGIES = ("complete", "ring", "torus", "erdos_renyi")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 class _ClientEvaluationLogger(Callback):
@@ -77,30 +79,61 @@ class _ClientEvaluationLogger(Callback):
         self.strategy._log_evaluation("test", pl_module)
 
 
-class CollaborativeStrategy(DDPStrategy):
-    """Train ``n_clients`` personal models, simulated in one process or split over processes.
+def metrics_from_sums(module: Any, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-client metrics ``{name: [n]}`` from per-client evaluation sums, through the module's own rule.
+
+    Uses ``module.metrics_from_sums`` when the module defines it (``ClientModule`` and ``CausalLMModule`` do);
+    otherwise every ``<name>_sum`` is divided by ``count``.
+    """
+    fn = getattr(module, "metrics_from_sums", None)
+    if callable(fn):
+        return fn(sums)
+    count = sums["count"].clamp_min(1)
+    return {k[: -len("_sum")]: v / count for k, v in sums.items() if k.endswith("_sum")}
+
+
+class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
+    """Train ``n_clients`` personal models under one collaborative algorithm, simulated or over processes.
+
+    The algorithm is the only thing that changes between methods: ``CollaborativeStrategy(algorithm=CoBo(...))``,
+    ``algorithm=FedAvg()``, ``algorithm=Ditto(lam=0.1)`` ...; in YAML ``algorithm: {class_path:
+    lightning_epfl.strategies.CoBo, init_args: {rho: 0.3}}``.
+
+    Logged at every evaluation (``val/`` and ``test/``): for each metric the module defines (``loss``, ``acc``,
+    ``ppl`` ...), the mean over clients under the same key as without the strategy (``val/acc``), and with
+    ``log_per_client`` one key per client (``val/acc_client_{i}``); ``val/acc_min`` (worst client); ``collab/*``
+    (consensus distance; with a collaboration matrix and true clusters, cluster recovery: ``collab/w_within``,
+    ``collab/w_between``, ``collab/pair_accuracy``, ``collab/ari_components``, ``collab/ari_spectral``). Training:
+    ``train/loss`` (mean over clients) and the algorithm's step metrics.
 
     Args:
-        algorithm: The update rule (:class:`~.algorithm.CollaborativeAlgorithm`; default: Local, no communication).
+        algorithm: The update rule (default :class:`~.baselines.Local`: no communication).
         n_clients: Number of clients; ``None`` reads ``trainer.datamodule.n_clients``.
+        topology: Communication graph for algorithms that gossip or need neighbours: ``"complete"``, ``"ring"``,
+            ``"torus"``, ``"erdos_renyi"``, or an ``[n, n]`` 0/1 adjacency matrix (must be connected). Its mixing
+            matrix, neighbour lists and edge list are on the step context and in checkpoints.
+        mixing_rule: ``"uniform"`` (max-degree) or ``"metropolis_hastings"`` weights of the mixing matrix.
+        erdos_renyi_p: Edge probability for ``topology="erdos_renyi"`` (drawn from ``seed``).
         communicate: ``"trainable"``/``"all"`` or glob patterns selecting the communicated parameters.
-        topology: Optional communication graph for algorithms that gossip (``complete``, ``ring``, ``torus``,
-            ``erdos_renyi``); its mixing matrix (``mixing_rule``) is exposed as :attr:`mixing_W`.
-        mixing_rule: ``"uniform"`` or ``"metropolis_hastings"``.
-        erdos_renyi_p: Edge probability for ``topology="erdos_renyi"``.
+        client_init: ``"same"`` (every client starts from rank 0's weights) or ``"independent"`` (each client's
+            trainable modules re-initialized under a generator seeded by ``(seed, client_id)``).
         execution: ``"vmap"`` (vectorized over clients) or ``"loop"`` (reference; models vmap cannot handle).
         client_chunk_size: ``vmap`` chunk over clients (memory bound); ``None`` = all at once.
         strict_optimizer_check: Refuse optimizers that are not element-wise (only for those is one optimizer over
             stacked ``[n, ...]`` tensors the same as ``n`` optimizers).
-        log_per_client: Also log ``val/acc_client_{i}``.
-        seed: Seed of all algorithm randomness (pair sampling, centre init), per client and step.
+        log_per_client: Also log ``<stage>/<metric>_client_{i}``.
+        save_frozen: Write frozen (shared, not stacked) parameters into checkpoints. ``False`` keeps checkpoints
+            to the per-client tensors (e.g. LoRA adapters over a base the module reloads from ``pretrained_path``).
+        seed: Seed of all algorithm randomness (pair sampling, centre init, independent client init, topology).
         process_group_backend: ``torch.distributed`` backend (``None``: gloo on CPU, NCCL on CUDA).
         start_method: Lightning's DDP launcher start method.
 
     Raises:
-        ValueError: On an unknown ``topology``/``mixing_rule``/``execution``, ``n_clients < 1`` or a bad
-            ``client_chunk_size`` (in ``__init__``); in ``setup``: ``n_clients`` not matching the datamodule's, a
-            process count not dividing ``n_clients``, a refused module/trainer setting or optimizer.
+        MisconfigurationException: On an unknown ``topology``/``mixing_rule``/``execution``/``client_init``, a
+            disconnected or malformed adjacency, ``n_clients < 1`` or a bad ``client_chunk_size`` (in ``__init__``);
+            before the run (:meth:`check_config`): ``n_clients`` not matching the datamodule's or not divisible by
+            the process count, a topology that cannot be built for ``n_clients``; in ``setup``: a refused module,
+            trainer setting or optimizer.
     """
 
     strategy_name = "collaborative"
@@ -109,45 +142,71 @@ class CollaborativeStrategy(DDPStrategy):
         self,
         algorithm: _alg.CollaborativeAlgorithm | None = None,
         n_clients: int | None = None,
-        communicate: Literal["trainable", "all"] | list[str] = "trainable",
-        topology: Literal["complete", "ring", "torus", "erdos_renyi"] | None = None,
+        topology: Literal["complete", "ring", "torus", "erdos_renyi"] | list[list[int]] | None = None,
         mixing_rule: Literal["uniform", "metropolis_hastings"] = "uniform",
         erdos_renyi_p: float = 0.3,
+        communicate: Literal["trainable", "all"] | list[str] = "trainable",
+        client_init: Literal["same", "independent"] = "same",
         execution: Literal["vmap", "loop"] = "vmap",
         client_chunk_size: int | None = None,
         strict_optimizer_check: bool = True,
         log_per_client: bool = False,
+        save_frozen: bool = True,
         seed: int = 0,
         process_group_backend: str | None = None,
         start_method: Literal["popen", "spawn", "fork"] = "popen",
     ) -> None:
-        super().__init__(process_group_backend=process_group_backend, start_method=start_method)
+        super().__init__(
+            process_group_backend=process_group_backend, start_method=start_method, checkpoint_io=AtomicCheckpointIO()
+        )
         if n_clients is not None and n_clients < 1:
-            raise ValueError(f"`n_clients` must be >= 1 or None, got {n_clients}.")
-        if topology is not None and topology not in TOPOLOGIES:
-            raise ValueError(f"`topology` must be one of {TOPOLOGIES} or None, got {topology!r}.")
+            raise MisconfigurationException(f"`n_clients` must be >= 1 or None, got {n_clients}.")
+        self._custom_topology: Topology | None = None
+        if isinstance(topology, (list, tuple)):
+            self._custom_topology = _custom_topology(topology, n_clients)
+        elif topology is not None and topology not in TOPOLOGIES:
+            raise MisconfigurationException(
+                f"`topology` must be one of {TOPOLOGIES}, an [n, n] 0/1 adjacency matrix, or None; got {topology!r}."
+            )
         if mixing_rule not in ("uniform", "metropolis_hastings"):
-            raise ValueError(f"`mixing_rule` must be 'uniform' or 'metropolis_hastings', got {mixing_rule!r}.")
+            raise MisconfigurationException(
+                f"`mixing_rule` must be 'uniform' or 'metropolis_hastings', got {mixing_rule!r}."
+            )
+        if not 0.0 < erdos_renyi_p <= 1.0:
+            raise MisconfigurationException(f"`erdos_renyi_p` must be in (0, 1], got {erdos_renyi_p}.")
         if execution not in ("vmap", "loop"):
-            raise ValueError(f"`execution` must be 'vmap' or 'loop', got {execution!r}.")
+            raise MisconfigurationException(f"`execution` must be 'vmap' or 'loop', got {execution!r}.")
+        if client_init not in ("same", "independent"):
+            raise MisconfigurationException(f"`client_init` must be 'same' or 'independent', got {client_init!r}.")
         if client_chunk_size is not None and client_chunk_size < 1:
-            raise ValueError(f"`client_chunk_size` must be >= 1 or None, got {client_chunk_size}.")
-        self.algorithm = algorithm if algorithm is not None else _alg.CollaborativeAlgorithm()
+            raise MisconfigurationException(f"`client_chunk_size` must be >= 1 or None, got {client_chunk_size}.")
+        if algorithm is not None and not isinstance(algorithm, _alg.CollaborativeAlgorithm):
+            raise MisconfigurationException(
+                f"`algorithm` must be a CollaborativeAlgorithm (CoBo, FedAvg, Ditto, ...), got {type(algorithm)}."
+            )
+        from lightning_epfl.strategies.collaborative.baselines import Local
+
+        self.algorithm = algorithm if algorithm is not None else Local()
         self._n_clients_arg = n_clients
-        self.communicate = communicate
-        self.topology_name = topology
+        self.topology_name = None if isinstance(topology, (list, tuple)) else topology
         self.mixing_rule = mixing_rule
         self.erdos_renyi_p = erdos_renyi_p
+        self.communicate = communicate
+        self.client_init = client_init
         self.execution = execution
         self.client_chunk_size = client_chunk_size
         self.strict_optimizer_check = strict_optimizer_check
         self.log_per_client = log_per_client
+        self.save_frozen = save_frozen
         self.seed = seed
         self.n_clients: int | None = n_clients
         self.stack: ClientStack | None = None
         self.comm: Communicator | None = None
         self.ctx: _alg.StepContext | None = None
+        self.topology: Topology | None = None
         self.mixing_W: Tensor | None = None
+        self.last_client_metrics: dict[str, dict[str, Tensor]] = {}
+        self._restored_topology: Topology | None = None
         self._eval_sums: dict[str, dict[str, Tensor]] = {}
         self._algorithm_ready = False
 
@@ -164,33 +223,17 @@ class CollaborativeStrategy(DDPStrategy):
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # parameters are stacked in setup; restore into the stacked tensors
 
-    # ------------------------------------------------------------------------------------------------ setup
-    @override
-    def _configure_launcher(self) -> None:
-        if self.num_nodes * self.num_processes == 1:
-            # simulated mode: run in this process, and keep the user's torch thread count (Lightning's launchers
-            # would set it to cpu_count / processes and export OMP_NUM_THREADS)
-            self._launcher = None
-            return
-        super()._configure_launcher()
-
-    @override
-    def setup_distributed(self) -> None:
-        if self.num_nodes * self.num_processes == 1:
-            self.set_world_ranks()  # simulated mode: no process group needed
-            return
-        super().setup_distributed()
-
+    # ------------------------------------------------------------------------------------------------ checks
     def check_config(self, trainer: Any, pl_module: Any, datamodule: Any = None) -> None:
-        """Check the client count against the datamodule and the process count, before any process starts.
-
-        Called by the ``lightning-epfl`` CLI before the run and from :meth:`setup`.
+        """Checks that need the trainer and data, run before any process starts (CLI) and again in ``setup``.
 
         Raises:
-            MisconfigurationException: If ``n_clients`` is unknown, differs from the datamodule's, or is not
-                divisible by ``trainer.devices x trainer.num_nodes`` (the message lists the process counts that work).
+            MisconfigurationException: If ``n_clients`` is unknown, differs from the datamodule's, is not divisible
+                by ``trainer.devices x trainer.num_nodes`` (the message lists the counts that work), or the topology
+                cannot be built for it.
         """
-        self._resolve_n_clients(datamodule, trainer.num_devices * trainer.num_nodes)
+        n = self._resolve_n_clients(datamodule, trainer.num_devices * trainer.num_nodes)
+        self._build_topology(n)
 
     def _resolve_n_clients(self, datamodule: Any, world_size: int) -> int:
         dm_n = getattr(datamodule, "n_clients", None) if datamodule is not None else None
@@ -214,6 +257,26 @@ class CollaborativeStrategy(DDPStrategy):
             )
         return n
 
+    def _build_topology(self, n: int) -> Topology | None:
+        if self._custom_topology is not None:
+            if self._custom_topology.n != n:
+                raise MisconfigurationException(
+                    f"`topology` is a {self._custom_topology.n}-client adjacency but `n_clients` is {n}."
+                )
+            return self._custom_topology
+        if self.topology_name is None:
+            return None
+        try:
+            if self.topology_name == "complete":
+                return Topology.complete(n)
+            if self.topology_name == "ring":
+                return Topology.ring(n)
+            if self.topology_name == "torus":
+                return Topology.torus(n)
+            return Topology.erdos_renyi(n, self.erdos_renyi_p, seed=self.seed)
+        except ValueError as err:
+            raise MisconfigurationException(f"`topology`={self.topology_name!r} with {n} clients: {err}") from err
+
     def _check_module_and_trainer(self, trainer: Any, module: nn.Module) -> None:
         lm = self.lightning_module
         if not lm.automatic_optimization:
@@ -234,6 +297,11 @@ class CollaborativeStrategy(DDPStrategy):
                     f"`{name}` is a BatchNorm with running statistics, which CollaborativeStrategy does not stack; "
                     "use GroupNorm/LayerNorm or `track_running_stats=False`."
                 )
+        if not callable(getattr(lm, "client_loss", None)) or not callable(getattr(lm, "client_metrics", None)):
+            raise MisconfigurationException(
+                f"{type(lm).__name__} is not a client module: CollaborativeStrategy needs `client_loss(batch)` and "
+                "`client_metrics(batch)` (see lightning_epfl.modules.ClientModule)."
+            )
         if getattr(lm, "example_input_array", None) is not None:
             rank_zero_warn(
                 "Clearing `example_input_array`: a forward on stacked weights is not a client forward.",
@@ -248,61 +316,34 @@ class CollaborativeStrategy(DDPStrategy):
             inner = getattr(opt, "optimizer", opt)
             if type(inner) not in ELEMENTWISE_OPTIMIZERS:
                 allowed = ", ".join(o.__name__ for o in ELEMENTWISE_OPTIMIZERS)
-                raise ValueError(
+                raise MisconfigurationException(
                     f"optimizer {type(inner).__name__} is not element-wise, so one optimizer over stacked clients is "
                     f"not n independent optimizers. Allowed: {allowed}; or set `strict_optimizer_check=False`."
                 )
 
-    def _build_topology(self, n: int) -> None:
-        if self.topology_name is None:
-            return
-        from lightning_epfl.functional.topology import Topology, mixing_matrix
-
-        if self.topology_name == "complete":
-            topo = Topology.complete(n)
-        elif self.topology_name == "ring":
-            topo = Topology.ring(n)
-        elif self.topology_name == "torus":
-            topo = Topology.torus(n)
-        else:
-            topo = Topology.erdos_renyi(n, self.erdos_renyi_p, seed=self.seed)
-        self.topology = topo
-        self.mixing_W = mixing_matrix(topo, self.mixing_rule)
-
+    # ------------------------------------------------------------------------------------------------ setup
     @override
     def setup(self, trainer: Any) -> None:
-        assert self.accelerator is not None and self.model is not None
-        self.accelerator.setup(trainer)
+        assert self.model is not None
         module = self.lightning_module
         self._check_module_and_trainer(trainer, module)
-        n = self._resolve_n_clients(trainer.datamodule, self.world_size)
-        self.n_clients = n
-        if self.world_size == 1:
-            self.comm = LocalCommunicator(n)
-        else:
-            self.comm = TorchDistributedCommunicator(n)
-        self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
-        existing = getattr(module, "_collaborative_stack", None)
-        if existing is not None:
-            if existing.n_local != len(self.comm.local_ids):
-                raise ValueError("this module was stacked for a different number of local clients.")
-            self.stack = existing
-        else:
-            if self.world_size > 1:  # client_init="same": every client starts from rank 0's template
-                for p in module.parameters():
-                    torch.distributed.broadcast(p.data, src=0)
-            self.stack = ClientStack(
-                module, len(self.comm.local_ids), self.communicate, self.execution, self.client_chunk_size
-            )
-            object.__setattr__(module, "_collaborative_stack", self.stack)
-        self._build_topology(n)
+        self.n_clients = n = self._resolve_n_clients(trainer.datamodule, self.world_size)
+        self.comm = LocalCommunicator(n) if self.world_size == 1 else TorchDistributedCommunicator(n)
+        topology = self._restored_topology or self._build_topology(n)
+        self.topology = topology
+        self.mixing_W = None if topology is None else mixing_matrix(topology, self.mixing_rule)
         if trainer.state.fn == TrainerFn.FITTING:
-            self.setup_optimizers(trainer)
+            super().setup(trainer)  # device placement, `configure_ddp` (stacking, below), optimizers, precision
             self._check_optimizers()
-        self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
-            _optimizers_to_device(self.optimizers, self.root_device)
+        else:
+            # DDPStrategy.setup would broadcast rank 0's module state to every process outside fitting, which would
+            # overwrite the other processes' clients; evaluation needs device placement and the stack only.
+            assert self.accelerator is not None
+            self.accelerator.setup(trainer)
+            self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
+            self._stack_clients()
+            self.setup_precision_plugin()
         self.ctx = _alg.StepContext(
             stack=self.stack,
             comm=self.comm,
@@ -310,6 +351,8 @@ class CollaborativeStrategy(DDPStrategy):
             datamodule=trainer.datamodule,
             step=trainer.global_step,
             max_steps=trainer.max_steps,
+            topology=topology,
+            mixing_W=self.mixing_W,
         )
         if self.optimizers:
             self.ctx.lr = float(self.optimizers[0].param_groups[0]["lr"])
@@ -318,6 +361,39 @@ class CollaborativeStrategy(DDPStrategy):
             self._algorithm_ready = True
         if not any(isinstance(cb, _ClientEvaluationLogger) for cb in trainer.callbacks):
             trainer.callbacks.append(_ClientEvaluationLogger(self))
+
+    @override
+    def configure_ddp(self) -> None:
+        """Stack the clients where ``DDPStrategy`` wraps the model in DDP (no gradient all-reduce between clients)."""
+        self._stack_clients()
+
+    def _stack_clients(self) -> None:
+        module = self.lightning_module
+        assert self.comm is not None
+        existing = getattr(module, "_collaborative_stack", None)
+        if existing is not None:
+            if existing.n_local != len(self.comm.local_ids):
+                raise MisconfigurationException("this module was stacked for a different number of local clients.")
+            self.stack = existing
+            return
+        if self.world_size > 1 and self.client_init == "same":  # every client starts from rank 0's trainable weights
+            for p in module.parameters():
+                if p.requires_grad:
+                    torch.distributed.broadcast(p.data, src=0)
+        try:
+            self.stack = ClientStack(
+                module,
+                len(self.comm.local_ids),
+                self.communicate,
+                self.execution,
+                self.client_chunk_size,
+                client_ids=self.comm.local_ids,
+                client_init=self.client_init,
+                seed=self.seed,
+            )
+        except ValueError as err:
+            raise MisconfigurationException(f"CollaborativeStrategy: {err}") from err
+        object.__setattr__(module, "_collaborative_stack", self.stack)
 
     # ------------------------------------------------------------------------------------------------ training
     @override
@@ -405,31 +481,61 @@ class CollaborativeStrategy(DDPStrategy):
     def _log_evaluation(self, stage: str, pl_module: Any) -> None:
         if stage not in self._eval_sums or self.comm is None:
             return
-        allm = self.client_metrics_all(stage)
-        count = allm["count"].clamp_min(1)
-        per_loss = allm["loss_sum"] / count
-        out: dict[str, float] = {f"{stage}/loss_mean": float(per_loss.mean())}
-        if "correct" in allm:
-            acc = allm["correct"] / count
-            out[f"{stage}/acc_mean"] = float(acc.mean())
-            out[f"{stage}/acc_min"] = float(acc.min())
+        per_client = metrics_from_sums(self.lightning_module, self.client_metrics_all(stage))
+        self.last_client_metrics[stage] = {k: v.cpu() for k, v in per_client.items()}
+        out: dict[str, float] = {}
+        for name, values in per_client.items():
+            out[f"{stage}/{name}"] = float(values.mean())
             if self.log_per_client:
-                out.update({f"{stage}/acc_client_{i}": float(a) for i, a in enumerate(acc)})
-            self.last_client_accuracy = {**getattr(self, "last_client_accuracy", {}), stage: acc.cpu()}
+                out.update({f"{stage}/{name}_client_{i}": float(v) for i, v in enumerate(values)})
+        if "acc" in per_client:
+            out[f"{stage}/acc_min"] = float(per_client["acc"].min())
         out.update(self.collaboration_metrics())
         pl_module.log_dict(out, sync_dist=True)  # equal on every process (gathered): the mean is the value
 
+    def collaboration_matrix(self) -> Tensor | None:
+        """The algorithm's ``[n, n]`` collaboration matrix (CoBo's ``W``, IFCA's co-assignment, ...), or ``None``."""
+        return self.algorithm.collaboration_matrix()
+
+    def recovery_metrics(self, W: Tensor | None = None) -> dict[str, float]:
+        """Cluster recovery of ``W`` (default: the current matrix) against ``datamodule.true_clusters``.
+
+        The single source of ``collab/w_within``, ``w_between``, ``pair_accuracy``, ``ari_components`` and
+        ``ari_spectral`` (spectral clustering seeded by the strategy's ``seed``); empty without a matrix or clusters.
+        """
+        from lightning_epfl.functional.collab_metrics import recovery_metrics
+
+        W = self.collaboration_matrix() if W is None else W
+        truth = getattr(self.ctx.datamodule, "true_clusters", None) if self.ctx is not None else None
+        if W is None or truth is None:
+            return {}
+        return recovery_metrics(torch.as_tensor(W).cpu(), torch.as_tensor(truth).cpu(), seed=self.seed)
+
+    def cluster_assignments(
+        self, k: int | None = None, method: Literal["components", "spectral"] = "components", threshold: float = 0.5
+    ) -> Tensor:
+        """Cluster labels ``[n]`` read from the collaboration matrix (components of ``W > threshold``, or spectral).
+
+        Raises:
+            ValueError: If the algorithm has no matrix yet.
+        """
+        from lightning_epfl.functional.collab_metrics import cluster_assignments
+
+        W = self.collaboration_matrix()
+        if W is None:
+            raise ValueError("no collaboration matrix yet (call after setup, with an algorithm that has one).")
+        return cluster_assignments(W.cpu(), k=k, method=method, threshold=threshold, seed=self.seed)
+
     def collaboration_metrics(self) -> dict[str, float]:
-        """``collab/*`` metrics: consensus distance and, with a matrix and true clusters, recovery (collective)."""
-        from lightning_epfl.functional.collab_metrics import consensus_distance, recovery_metrics
+        """``collab/*`` metrics: consensus distance, spectral gap of a fixed mixing matrix, recovery (collective)."""
+        from lightning_epfl.functional.collab_metrics import consensus_distance
+        from lightning_epfl.functional.topology import spectral_gap
 
         X_all = self.comm.all_gather(self.stack.X[:, : self.stack.d_comm].detach())
         out = {"collab/consensus_distance": float(consensus_distance(X_all))}
-        W = self.algorithm.collaboration_matrix()
-        truth = getattr(self.ctx.datamodule, "true_clusters", None) if self.ctx is not None else None
-        if W is not None and truth is not None:
-            rec = recovery_metrics(W.cpu(), torch.as_tensor(truth).cpu(), seed=self.seed)
-            out.update({f"collab/{k}": v for k, v in rec.items()})
+        if self.mixing_W is not None:
+            out["collab/spectral_gap"] = float(spectral_gap(self.mixing_W))
+        out.update({f"collab/{k}": v for k, v in self.recovery_metrics().items()})
         return out
 
     # ------------------------------------------------------------------------------------------------ models
@@ -450,6 +556,9 @@ class CollaborativeStrategy(DDPStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = self.lightning_module.state_dict()
+        if self.stack is not None and not self.save_frozen:
+            frozen = {n for n, p in self.lightning_module.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
         if self.stack is None or self.world_size == 1:
             return state
         return {k: (self.comm.all_gather(v) if k in self._stacked_names() else v) for k, v in state.items()}
@@ -462,8 +571,13 @@ class CollaborativeStrategy(DDPStrategy):
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         names = self._stacked_names()
         state = {k: (self._local_slice(v) if k in names else v) for k, v in checkpoint["state_dict"].items()}
+        module = self.lightning_module
+        missing = set(module.state_dict()) - set(state)
+        frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+        if strict and missing and missing <= frozen:  # a checkpoint saved with `save_frozen=False`
+            strict = False
         with torch.no_grad():
-            self.lightning_module.load_state_dict(state, strict=strict)
+            module.load_state_dict(state, strict=strict)
 
     def _map_optimizer_state(self, optimizer: Optimizer, state: dict[str, Any], fn: Callable[[Tensor], Tensor]) -> dict:
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -487,7 +601,7 @@ class CollaborativeStrategy(DDPStrategy):
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Tensor]:
-        inner = getattr(optimizer, "_optimizer", optimizer)
+        inner = getattr(optimizer, "optimizer", optimizer)
         state = inner.state_dict()
         if self.stack is None or self.world_size == 1:
             return state
@@ -496,17 +610,19 @@ class CollaborativeStrategy(DDPStrategy):
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         for optimizer, opt_state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            inner = getattr(optimizer, "_optimizer", optimizer)
+            inner = getattr(optimizer, "optimizer", optimizer)
             if self.world_size > 1:
                 opt_state = self._map_optimizer_state(inner, opt_state, self._local_slice)
             optimizer.load_state_dict(opt_state)
-        _optimizers_to_device(self.optimizers, self.root_device)
+        optimizers_to_device(self.optimizers, self.root_device)
 
     def collaborative_state(self) -> dict[str, Any]:
-        """The checkpoint's ``"collaborative"`` entry (replicated state only; no collective)."""
+        """The checkpoint's ``"collaborative"`` entry (replicated state only; no collective; no secret)."""
         return {
             "format_version": _FORMAT_VERSION,
             "n_clients": self.n_clients,
+            "adjacency": None if self.topology is None else self.topology.adjacency.clone(),
+            "topology_name": None if self.topology is None else self.topology.name,
             "mixing_W": self.mixing_W,
             "algorithm": self.algorithm.state_dict(),
         }
@@ -514,24 +630,30 @@ class CollaborativeStrategy(DDPStrategy):
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         checkpoint["collaborative"] = self.collaborative_state()
-        if not self.is_global_zero:
-            return
-        path = os.fspath(filepath)
-        if "://" in path:  # remote filesystems: no rename
-            self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-            return
-        atomic_write(
-            path, lambda tmp: self.checkpoint_io.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
-        )
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False)
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         entry = checkpoint.get("collaborative")
         if entry is not None:
             if self.n_clients is not None and entry["n_clients"] != self.n_clients:
-                raise ValueError(f"checkpoint has {entry['n_clients']} clients but `n_clients` is {self.n_clients}.")
+                raise MisconfigurationException(
+                    f"the checkpoint has {entry['n_clients']} clients but `n_clients` is {self.n_clients}."
+                )
             self.algorithm.load_state_dict(entry["algorithm"])
+            if entry.get("adjacency") is not None:
+                restored = Topology(entry["adjacency"], name=entry.get("topology_name") or "custom")
+                if self.topology is not None and self.topology != restored:
+                    rank_zero_warn(
+                        "The checkpoint's topology differs from the configured one; the checkpoint's is used.",
+                        category=RuntimeWarning,
+                    )
+                self._restored_topology = restored
+                self.topology = restored
+                self.mixing_W = entry.get("mixing_W")
+                if self.ctx is not None:
+                    self.ctx.topology, self.ctx.mixing_W = restored, self.mixing_W
         return checkpoint
 
     # ------------------------------------------------------------------------------------------------ registry
@@ -539,3 +661,23 @@ class CollaborativeStrategy(DDPStrategy):
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register("collaborative", cls, description="Collaborative learning over stacked clients")
+
+
+def _custom_topology(adjacency: Any, n_clients: int | None) -> Topology:
+    """A user-given adjacency matrix as a connected :class:`Topology`, or a ``MisconfigurationException``."""
+    try:
+        topo = Topology(torch.as_tensor(adjacency), name="custom")
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise MisconfigurationException(f"`topology` adjacency matrix: {err}") from err
+    if n_clients is not None and topo.n != n_clients:
+        raise MisconfigurationException(f"`topology` is a {topo.n}-client adjacency but `n_clients` is {n_clients}.")
+    if not topo.is_connected():
+        parts = topo.components()
+        raise MisconfigurationException(
+            f"`topology` is disconnected: {len(parts)} components {parts[:4]}{' ...' if len(parts) > 4 else ''}; "
+            "information could not reach every client. Add edges between the components."
+        )
+    return topo
+
+
+__all__ = ["CollaborativeStrategy", "ELEMENTWISE_OPTIMIZERS", "TOPOLOGIES", "metrics_from_sums"]

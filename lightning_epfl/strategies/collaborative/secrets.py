@@ -1,0 +1,110 @@
+"""Pairwise secrets
+================
+
+Key agreement between the two ends of every edge of a communication graph: each client draws an X25519 key pair
+(RFC 7748), the 32-byte public keys are exchanged through the communicator, and each end derives the edge's
+32-byte key with HKDF-SHA256 (RFC 5869) from the Diffie-Hellman shared secret, with ``info = context || i || j``
+(``i < j``). Both ends obtain the same key; no one else can (against a passive eavesdropper: the public keys are not
+authenticated, so an active attacker who substitutes them needs to be excluded by pinned identity keys).
+
+Keys live in memory only: :class:`PairwiseSecret` refuses to be pickled, so it cannot end up in a checkpoint, a log
+or hyperparameters, and its ``repr`` does not show the key. Private keys are dropped as soon as the keys are derived.
+Uses the ``cryptography`` package.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["PUBLIC_KEY_BYTES", "PairwiseSecret", "derive_pair_key", "generate_key_pairs"]
+
+PUBLIC_KEY_BYTES = 32
+
+
+class PairwiseSecret:
+    """The shared 32-byte key of one edge ``(i, j)``, ``i < j``; in memory only.
+
+    Attributes:
+        edge: The edge ``(i, j)`` with ``i < j``.
+    """
+
+    __slots__ = ("_key", "edge")
+
+    def __init__(self, edge: tuple[int, int], key: bytes) -> None:
+        if len(key) != 32:
+            raise ValueError(f"a pairwise key has 32 bytes, got {len(key)}.")
+        self.edge = edge
+        self._key = bytes(key)
+
+    @property
+    def key(self) -> bytes:
+        """The 32 key bytes (never log or store them)."""
+        return self._key
+
+    def __repr__(self) -> str:
+        return f"PairwiseSecret(edge={self.edge}, key=<32 bytes hidden>)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PairwiseSecret) and self.edge == other.edge and self._key == other._key
+
+    def __hash__(self) -> int:
+        return hash(self.edge)
+
+    def __reduce__(self) -> None:  # type: ignore[override]
+        raise TypeError("PairwiseSecret is never serialized (checkpoints, logs and hyperparameters must not hold it).")
+
+
+def generate_key_pairs(n: int) -> tuple[list[object], Tensor]:
+    """Draw ``n`` fresh X25519 key pairs from the operating system's CSPRNG.
+
+    Returns:
+        The private keys (``cryptography`` objects; drop them after :func:`derive_pair_key`) and the public keys as a
+        ``uint8`` tensor ``[n, 32]``.
+    """
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    private = [X25519PrivateKey.generate() for _ in range(n)]
+    public = [p.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) for p in private]
+    table = torch.tensor([list(b) for b in public], dtype=torch.uint8) if n else torch.empty(0, 32, dtype=torch.uint8)
+    return private, table
+
+
+def derive_pair_key(private: object, peer_public: bytes, edge: tuple[int, int], context: bytes) -> PairwiseSecret:
+    """Both ends' key of ``edge``: HKDF-SHA256 of the X25519 shared secret, ``info = context || i || j``.
+
+    Args:
+        private: This end's ``X25519PrivateKey``.
+        peer_public: The other end's 32-byte public key.
+        edge: ``(i, j)`` with ``i < j``.
+        context: Domain separation (e.g. the algorithm's name and the run); the same on both ends.
+    """
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    i, j = edge
+    shared = private.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))  # type: ignore[attr-defined]
+    info = bytes(context) + struct.pack(">QQ", i, j)
+    return PairwiseSecret(edge, HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared))
+
+
+def normalize_edges(edges: Sequence[tuple[int, int]], n_clients: int) -> list[tuple[int, int]]:
+    """Edges as sorted ``(i, j)`` with ``i < j``, without duplicates.
+
+    Raises:
+        ValueError: On a self-loop or a client id outside ``[0, n_clients)``.
+    """
+    out = set()
+    for a, b in edges:
+        a, b = int(a), int(b)
+        if a == b:
+            raise ValueError(f"edge ({a}, {b}) is a self-loop.")
+        if not (0 <= a < n_clients and 0 <= b < n_clients):
+            raise ValueError(f"edge ({a}, {b}) names a client outside [0, {n_clients}).")
+        out.add((min(a, b), max(a, b)))
+    return sorted(out)
