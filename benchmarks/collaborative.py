@@ -4,13 +4,15 @@ Three parts, each printed as a table:
 
 1. **Methods** (16 clients = 4 clusters x 4, per-cluster label permutations, MLP 64-32-10, SGD lr 0.1, batch 16):
    mean client test accuracy of Local, FedAvg, FedAvg + fine-tuning, Ditto, IFCA, Oracle and CoBo over seeds, and
-   CoBo's cluster recovery (spectral ARI, pair accuracy). Every method runs through ``CoBoStrategy(baseline=...)``
-   with the same data, evaluation and step budget.
+   CoBo's cluster recovery (spectral ARI, pair accuracy). Every method runs through
+   ``CollaborativeStrategy(algorithm=...)`` with the same data, evaluation and step budget.
 2. **Scale**: 80 clients, 10 permutation clusters (the paper's cross-device client count): CoBo, Local and Oracle
    accuracy and CoBo's ARI, with the stability product eta * rho * lambda_max(L_W0).
 3. **Speed**: one full CoBo step with 80 clients (client gradients, pair gradients at midpoints, W update,
    optimizer step, consensus) with clients vectorized by ``torch.func.vmap`` against a Python loop over clients;
-   both start from the same state and must give the same numbers (checked). The loop is the anchor.
+   both start from the same state and must give the same numbers (checked). The loop is the anchor. The floor:
+   one vmapped 80-client gradient step against one gradient step of a *single* model on the 80 clients'
+   concatenated batch (the same arithmetic with one set of weights: the best batched clients can do).
 
 Usage::
 
@@ -40,7 +42,18 @@ from lightning_epfl.datamodules import FederatedDataModule
 from lightning_epfl.functional.cobo import stability_product
 from lightning_epfl.functional.collab_metrics import recovery_metrics
 from lightning_epfl.modules import MLPClassifier
-from lightning_epfl.strategies import ClientStack, CoBo, CoBoStrategy, LocalCommunicator
+from lightning_epfl.strategies import (
+    IFCA,
+    ClientStack,
+    CoBo,
+    CollaborativeStrategy,
+    Ditto,
+    FedAvg,
+    FedAvgFineTune,
+    Local,
+    LocalCommunicator,
+    Oracle,
+)
 from lightning_epfl.strategies.collaborative.algorithm import StepContext
 from lightning_epfl.utilities import save_figure
 
@@ -57,15 +70,16 @@ COBO_80 = {
     "pair_decay": 4.0,
 }
 METHODS = {
-    "Local": {"baseline": "local"},
-    "FedAvg": {"baseline": "fedavg"},
-    "FedAvg + FT": {"baseline": "fedavg_ft", "finetune_steps": 150},
-    "Ditto (lam=1)": {"baseline": "ditto", "ditto_lambda": 1.0},
-    "Ditto (lam=0.1)": {"baseline": "ditto", "ditto_lambda": 0.1},
-    "IFCA (K=true)": {"baseline": "ifca"},
-    "Oracle": {"baseline": "oracle"},
-    "CoBo": {"baseline": "none"},
+    "Local": lambda cobo, k: Local(),
+    "FedAvg": lambda cobo, k: FedAvg(),
+    "FedAvg + FT": lambda cobo, k: FedAvgFineTune(finetune_steps=150),
+    "Ditto (lam=1)": lambda cobo, k: Ditto(lam=1.0),
+    "Ditto (lam=0.1)": lambda cobo, k: Ditto(lam=0.1),
+    "IFCA (K=true)": lambda cobo, k: IFCA(n_clusters=k),
+    "Oracle": lambda cobo, k: Oracle(),
+    "CoBo": lambda cobo, k: CoBo(**cobo),
 }
+"""Each method is an algorithm of the one collaborative strategy (factory of the CoBo settings and cluster count)."""
 
 
 def run_method(
@@ -78,7 +92,7 @@ def run_method(
     root: str | None = None,
     callbacks: list[L.Callback] | None = None,
 ) -> dict[str, Any]:
-    """Train one method through ``CoBoStrategy`` and return test accuracy, recovery metrics and wall time."""
+    """Train one method through ``CollaborativeStrategy`` and return test accuracy, recovery and wall time."""
     L.seed_everything(seed, verbose=False)
     dm = FederatedDataModule(
         "digits",
@@ -93,10 +107,7 @@ def run_method(
     kw = dict(cobo or COBO_16)
     lr = kw.pop("lr", LR)
     model = MLPClassifier(64, [32], 10, optimizer=partial(torch.optim.SGD, lr=lr))
-    kw.update(METHODS[method])
-    if kw["baseline"] == "ifca":
-        kw["ifca_clusters"] = n_clusters
-    strategy = CoBoStrategy(seed=seed, **kw)
+    strategy = CollaborativeStrategy(algorithm=METHODS[method](kw, n_clusters), seed=seed)
     trainer = L.Trainer(
         max_steps=steps,
         max_epochs=-1,
@@ -115,10 +126,10 @@ def run_method(
     trainer.fit(model, dm)
     fit_s = time.perf_counter() - t0
     trainer.test(model, dm, verbose=False)
-    out = {"acc": float(trainer.callback_metrics["test/acc_mean"]), "fit_s": fit_s}
+    out = {"acc": float(trainer.callback_metrics["test/acc"]), "fit_s": fit_s}
     out["acc_min"] = float(trainer.callback_metrics["test/acc_min"])
-    if kw["baseline"] in ("none", "ifca"):
-        W = strategy.W
+    if method == "CoBo" or method.startswith("IFCA"):
+        W = strategy.collaboration_matrix()
         out.update(recovery_metrics(W.cpu(), dm.true_clusters, seed=seed))
         out["W"] = W.cpu()
     out["true_clusters"] = dm.true_clusters
@@ -126,14 +137,11 @@ def run_method(
 
 
 def _save_heatmap(W: torch.Tensor, clusters: torch.Tensor, path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from lightning_epfl.callbacks import plot_collaboration_matrix
+    from lightning_epfl.utilities import new_figure
 
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig = new_figure((4.5, 4))
+    ax = fig.add_subplot()
     plot_collaboration_matrix(W, clusters, ax=ax)
     ax.set_title(title)
     fig.tight_layout()
@@ -238,10 +246,50 @@ def part_speed(n: int = 80, steps: int = 8, warmup: int = 2, rate: float = 8.0) 
         print("WARNING: vmap and loop disagree beyond float32 round-off", file=sys.stderr)
 
 
+def part_floor(n: int = 80, steps: int = 20, warmup: int = 3) -> None:
+    """One vmapped n-client gradient step against one step of a single model on the concatenated batch."""
+    dm = FederatedDataModule(
+        "digits", n_clients=n, partition="label_permutation_clusters", n_clusters=10, batch_size=16,
+        standardize=False, seed=0,
+    )  # fmt: skip
+    dm.setup("fit")
+    torch.manual_seed(0)
+    clients = MLPClassifier(64, [32], 10)
+    stack = ClientStack(clients, n, execution="vmap")
+    opt = torch.optim.SGD(clients.parameters(), lr=LR)
+    single = MLPClassifier(64, [32], 10)
+    opt_single = torch.optim.SGD(single.parameters(), lr=LR)
+    times: dict[str, list[float]] = {"vmap": [], "single": []}
+    for k in range(warmup + steps):
+        x, y = dm.train_batch(k)[:2]
+        t0 = time.perf_counter()
+        G, _ = stack.loss_and_grad(stack.X, (x, y))
+        stack.write_grads(G)
+        opt.step()
+        t1 = time.perf_counter()
+        opt_single.zero_grad()
+        single.client_loss((x.reshape(-1, x.shape[-1]), y.reshape(-1))).backward()
+        opt_single.step()
+        t2 = time.perf_counter()
+        if k >= warmup:
+            times["vmap"].append(t1 - t0)
+            times["single"].append(t2 - t1)
+    v, s1 = 1e3 * statistics.median(times["vmap"]), 1e3 * statistics.median(times["single"])
+    print(f"\n## Floor: one gradient step, {n} clients x batch 16 (median of {steps})\n")
+    print("| what | ms / step |")
+    print("|---|---|")
+    print(f"| {n} clients, vmapped (own weights each) | {v:.2f} |")
+    print(f"| one model on the concatenated {n * 16}-example batch (floor) | {s1:.2f} |")
+    print(f"\nvmapped clients / single-model floor: {v / s1:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--parts", nargs="+", default=["speed", "methods", "scale"], choices=["speed", "methods", "scale"]
+        "--parts",
+        nargs="+",
+        default=["speed", "floor", "methods", "scale"],
+        choices=["speed", "floor", "methods", "scale"],
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1500)
@@ -259,6 +307,8 @@ def main() -> None:
     if "speed" in args.parts:
         for rate in (2.0, COBO_80["pair_rate"]):  # the paper's default r = 2, and the scale run's r
             part_speed(rate=rate)
+    if "floor" in args.parts:
+        part_floor()
     if "methods" in args.parts:
         part_methods(args.seeds, args.steps, args.methods, args.fig_dir)
     if "scale" in args.parts:

@@ -91,37 +91,6 @@ def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> str:
             plt.close(fig)
 
 
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed derived from ``parts`` (SHA-256 of their text): the package's one way to seed a random stream.
-
-    Streams are named by what they serve, e.g. ``derive_seed(seed, "client_init", client_id)``, so they are the same
-    in every process layout and after a resume, and independent of each other and of the global RNG.
-    """
-    import hashlib
-
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def seeded_generator(*parts: int | str) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded by :func:`derive_seed` of ``parts``."""
-    import torch
-
-    return torch.Generator().manual_seed(derive_seed(*parts))
-
-
-def loader_generator(seed: int = 0) -> torch.Generator:
-    """A ``torch.Generator`` to pass as ``DataLoader(generator=...)``.
-
-    A DataLoader without its own generator draws a seed from the *global* RNG every time an iterator is created
-    (each epoch, each validation). A run resumed from a checkpoint creates iterators at other moments than the
-    uninterrupted run, so the global RNG (dropout, sampling) would drift; with a private generator it does not.
-    """
-    import torch
-
-    return torch.Generator().manual_seed(seed)
-
-
 def new_figure(figsize: tuple[float, float] = (6.4, 4.8)) -> Any:
     """A matplotlib ``Figure`` that is not registered with pyplot: drawing it never changes the user's backend."""
     from matplotlib.figure import Figure

@@ -24,9 +24,9 @@ from lightning_epfl.functional.cobo import (
     sample_pairs,
 )
 from lightning_epfl.modules.client import ClientModule, MLPClassifier
+from lightning_epfl.seeding import derive_seed
 from lightning_epfl.strategies.collaborative import ClientStack, CoBo, CollaborativeStrategy, LocalCommunicator
 from lightning_epfl.strategies.collaborative.algorithm import StepContext
-from lightning_epfl.utilities import derive_seed
 
 
 class Quadratic(ClientModule):

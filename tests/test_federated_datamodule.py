@@ -8,7 +8,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_epfl.datamodules.federated import FederatedDataModule, counter_hash, load_sklearn_arrays
+from lightning_epfl.datamodules.federated import FederatedDataModule
+from lightning_epfl.datamodules.tabular import load_sklearn_arrays
+from lightning_epfl.seeding import counter_hash
 
 
 class _StackedLinear(LightningModule):

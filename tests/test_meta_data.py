@@ -27,7 +27,7 @@ def test_meta_data_sinusoid_stream_deterministic_and_shaped():
 def test_meta_data_cursor_state_dict_round_trip():
     """state_dict/load_state_dict carry the stream position; the loader resumes at the cursor."""
     a = SinusoidTasks(tasks_per_batch=2, batches_per_epoch=3, seed=0)
-    a.cursor = 7
+    a.load_state_dict({"cursor": 7, "seed": 0})
     b = SinusoidTasks(tasks_per_batch=2, batches_per_epoch=3, seed=0)
     b.load_state_dict(a.state_dict())
     batches = list(b.train_dataloader())

@@ -1,15 +1,12 @@
-"""Datamodules on real data that needs no download: text, digits, federated partitions, few-shot tasks."""
+"""Datamodules on real data that needs no download: text, digits, client-partitioned data and text, few-shot tasks."""
 
+from lightning_epfl.datamodules.client_data import ClientEvalStream, served_client_ids
 from lightning_epfl.datamodules.digits import (
     DigitsDataModule,
     load_digits_arrays,
 )
-from lightning_epfl.datamodules.federated import (
-    ClientBatchStream,
-    ClientEvalStream,
-    FederatedDataModule,
-    load_sklearn_arrays,
-)
+from lightning_epfl.datamodules.federated import FederatedDataModule
+from lightning_epfl.datamodules.federated_text import FederatedTextDataModule
 from lightning_epfl.datamodules.few_shot import (
     FewShotDigits,
     LinearRegressionTasks,
@@ -24,6 +21,8 @@ from lightning_epfl.datamodules.partition import (
     label_permutation_clusters,
     label_skew_clusters,
 )
+from lightning_epfl.datamodules.streams import PositionedBatches, ResumableLoader, StreamPosition
+from lightning_epfl.datamodules.tabular import load_sklearn_arrays
 from lightning_epfl.datamodules.text import (
     ByteTokenizer,
     TextDataModule,
@@ -32,11 +31,11 @@ from lightning_epfl.datamodules.text import (
 
 __all__ = [
     "ByteTokenizer",
-    "ClientBatchStream",
     "ClientEvalStream",
     "DigitsDataModule",
     "dirichlet_partition",
     "FederatedDataModule",
+    "FederatedTextDataModule",
     "FewShotDigits",
     "group_mixture",
     "iid_partition",
@@ -47,7 +46,11 @@ __all__ = [
     "load_sklearn_arrays",
     "load_tokenizer",
     "Partition",
+    "PositionedBatches",
+    "ResumableLoader",
+    "served_client_ids",
     "SinusoidTasks",
+    "StreamPosition",
     "TaskBatch",
     "TextDataModule",
 ]

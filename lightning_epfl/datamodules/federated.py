@@ -3,7 +3,7 @@
 
 :class:`FederatedDataModule` splits a labelled data set over ``n_clients`` clients with one of the partitioners of
 :mod:`lightning_epfl.datamodules.partition` and serves **stacked per-client batches** to the collaborative core
-(``collaborative_core.md`` section 5). The built-in data sets are scikit-learn's bundled ``digits``, ``wine`` and
+. The built-in data sets are scikit-learn's bundled ``digits``, ``wine`` and
 ``breast_cancer`` (no download); subclasses override :meth:`FederatedDataModule.load_arrays` for any arrays.
 
 **Batch layout** (shared with :class:`~lightning_epfl.modules.ClientModule` and the strategy): a tuple
@@ -15,20 +15,17 @@ Poisson-sampled training batch, and in every evaluation batch when the clients' 
 (label-skew clusters). Padding repeats the client's first example.
 
 **Determinism.** Training batch ``k`` of client ``i`` is a pure function of ``(seed, i, k)`` (SplitMix64
-counter-based hashing, :func:`counter_hash`), so runs with one process for all clients and with one process per
-client see identical batches, and resuming only needs the position ``k`` (kept in :meth:`state_dict`).
+counter-based hashing, :func:`lightning_epfl.seeding.counter_hash`), so runs with one process for all clients and
+with one process per client see identical batches, and resuming only needs the position ``k``
+(:mod:`lightning_epfl.datamodules.streams`, kept in :meth:`state_dict`).
 
 **Evaluation.** ``val_dataloader`` and ``test_dataloader`` both iterate each client's held-out set (the split made
 by ``test_fraction``): label-permutation clusters see the whole held-out set relabelled by their ``pi_k``;
 label-skew clusters only their own classes (relabelled); other partitions the whole held-out set. The CoBo
 protocol (arXiv:2409.05539) has no model selection, so no separate validation split is carved out.
 
-Deviations from the spec: the signature is the spec's. The checkpoint state holds the training position and the
-extra-batch call counters instead of generator states (sampling is counter-based, so position + seed determine
-every later batch). Additions: ``extra_batch(..., step=None)`` (a keyword that makes the draw a pure function of
-the step); properties ``num_features``, ``num_classes``, ``client_partition`` and ``steps_per_epoch``;
-``train_batch(k, client_ids)``, ``train_indices``, ``client_data``, ``client_indices``; ``client_ids`` arguments on
-the loaders. ``val_dataloader`` and ``test_dataloader`` serve the same held-out split (see above).
+The checkpoint state holds the training position and the extra-batch call counters (sampling is counter-based, so
+position + seed determine every later batch), and the partition's fingerprint, checked on resume.
 """
 
 from __future__ import annotations
@@ -36,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -44,8 +41,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
+from lightning_epfl.datamodules.client_data import ClientEvalStream, served_client_ids
 from lightning_epfl.datamodules.partition import (
     Partition,
     dirichlet_partition,
@@ -54,11 +52,13 @@ from lightning_epfl.datamodules.partition import (
     label_permutation_clusters,
     label_skew_clusters,
 )
-from lightning_epfl.utilities import loader_generator
+from lightning_epfl.datamodules.streams import ResumableLoader, StreamPosition
+from lightning_epfl.datamodules.tabular import TABULAR_DATASETS, load_sklearn_arrays
+from lightning_epfl.seeding import counter_hash, loader_generator, uniform_from_bits
 
-__all__ = ["ClientBatchStream", "ClientEvalStream", "FederatedDataModule", "counter_hash", "load_sklearn_arrays"]
+__all__ = ["FederatedDataModule"]
 
-_DATASETS = ("digits", "breast_cancer", "wine")
+_DATASETS = TABULAR_DATASETS
 _PARTITIONS = ("iid", "dirichlet", "label_skew_clusters", "label_permutation_clusters", "group_mixture")
 _SAMPLING = ("shuffle", "replacement", "poisson")
 _STREAM_TRAIN, _STREAM_REPLACEMENT, _STREAM_POISSON, _STREAM_PARTITION = 1, 2, 3, 4
@@ -66,156 +66,6 @@ _STREAM_TRAIN, _STREAM_REPLACEMENT, _STREAM_POISSON, _STREAM_PARTITION = 1, 2, 3
 
 def _stream_code(name: str) -> int:
     return 1000 + zlib.crc32(name.encode())
-
-
-_GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    """SplitMix64 finaliser (Steele, Lea & Flood, OOPSLA 2014), element-wise on uint64 (wrapping arithmetic)."""
-    z = z + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-    return z ^ (z >> np.uint64(31))
-
-
-def counter_hash(*keys: Any) -> np.ndarray:
-    """Counter-based random bits: a uint64 hash of integer keys (broadcast), chained through SplitMix64.
-
-    ``counter_hash(seed, stream, client, step, item)`` is a pure function of its keys, so every process draws the
-    same numbers for a client whatever the client-to-process layout, and the draws vectorize over clients/items.
-    """
-    with np.errstate(over="ignore"):
-        h = np.zeros((), dtype=np.uint64)
-        for key in keys:
-            h = _splitmix64(h ^ np.asarray(key).astype(np.int64).astype(np.uint64))
-    return h
-
-
-def _uniform(bits: np.ndarray) -> np.ndarray:
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
-
-
-def load_sklearn_arrays(dataset: str) -> tuple[np.ndarray, np.ndarray]:
-    """Load a bundled scikit-learn data set as ``(x float32 [N, F], y int64 [N])``.
-
-    ``digits`` pixels are divided by 16 (inputs in ``[0, 1]``); ``wine`` (178 x 13, 3 classes) and
-    ``breast_cancer`` (569 x 30, 2 classes) are returned raw.
-
-    Raises:
-        ValueError: If ``dataset`` is not one of ``digits``, ``breast_cancer``, ``wine``.
-    """
-    from sklearn import datasets
-
-    loaders = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer, "wine": datasets.load_wine}
-    if dataset not in loaders:
-        raise ValueError(f"`dataset` must be one of {_DATASETS}, got {dataset!r}.")
-    data = loaders[dataset]()
-    x = data.data.astype(np.float32)
-    if dataset == "digits":
-        x = x / 16.0
-    return x, data.target.astype(np.int64)
-
-
-def _pad_stack(parts: Sequence[tuple[Tensor, Tensor]], force_mask: bool = False) -> tuple[Tensor, ...]:
-    """Stack per-client ``(x, y)`` into ``[n, B, ...]``; pad to the longest and add a float mask when needed."""
-    lengths = [int(p[1].numel()) for p in parts]
-    longest = max(lengths)
-    if not force_mask and len(set(lengths)) == 1:
-        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
-    xs, ys, ms = [], [], []
-    for (x, y), n in zip(parts, lengths):
-        pad = longest - n
-        m = torch.ones(longest, dtype=torch.float32)
-        if pad:
-            m[n:] = 0.0
-            x = torch.cat([x, x[:1].expand(pad, *x.shape[1:])])
-            y = torch.cat([y, y[:1].expand(pad)])
-        xs.append(x)
-        ys.append(y)
-        ms.append(m)
-    return torch.stack(xs), torch.stack(ys), torch.stack(ms)
-
-
-class ClientBatchStream(IterableDataset):
-    """Infinite-by-position stream of stacked training batches, ``len`` = steps per epoch.
-
-    Each iteration yields ``len(self)`` batches starting at the datamodule's current training position and
-    advances it, so a resumed run continues where the checkpoint left off (Lightning does not prefetch from sized
-    loaders). Lightning never injects a ``DistributedSampler`` into an ``IterableDataset``.
-
-    Args:
-        datamodule: The set-up :class:`FederatedDataModule`.
-        client_ids: Clients whose batches are stacked, in row order.
-        length: Batches per epoch.
-    """
-
-    def __init__(self, datamodule: FederatedDataModule, client_ids: Sequence[int], length: int) -> None:
-        self.datamodule = datamodule
-        self.client_ids = [int(i) for i in client_ids]
-        self.length = int(length)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        for _ in range(self.length):
-            k = self.datamodule._train_position
-            batch = self.datamodule.train_batch(k, self.client_ids)
-            self.datamodule._train_position = k + 1
-            yield batch
-
-
-class _ResumableLoader(DataLoader):
-    """A ``DataLoader`` over a :class:`ClientBatchStream` that is resumable in Lightning's sense.
-
-    Its state is the datamodule's training position, so Lightning neither warns about mid-epoch resumption nor
-    replays batches (the datamodule's own :meth:`FederatedDataModule.state_dict` carries the same number).
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_position": self.dataset.datamodule._train_position}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.dataset.datamodule._train_position = int(state_dict["train_position"])
-
-
-class ClientEvalStream(IterableDataset):
-    """Stacked per-client evaluation batches over the held-out sets (a fixed, finite sequence).
-
-    Args:
-        datamodule: The set-up :class:`FederatedDataModule`.
-        client_ids: Clients whose batches are stacked, in row order.
-        batch_size: Examples per client per batch, or ``None`` for each client's whole held-out set.
-    """
-
-    def __init__(self, datamodule: FederatedDataModule, client_ids: Sequence[int], batch_size: int | None) -> None:
-        self.datamodule = datamodule
-        self.client_ids = [int(i) for i in client_ids]
-        sizes = [int(datamodule._test_idx[i].numel()) for i in self.client_ids]
-        self.batch_size = max(sizes) if batch_size is None else int(batch_size)
-        self.length = max(math.ceil(s / self.batch_size) for s in sizes)
-        self.masked = len(set(sizes)) > 1
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        dm = self.datamodule
-        for b in range(self.length):
-            parts, ran_out = [], []
-            for i in self.client_ids:
-                idx, y = dm._test_idx[i], dm._test_y[i]
-                sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-                ran_out.append(idx[sl].numel() == 0)
-                if ran_out[-1]:  # this client has no items left: one filler example, masked out below
-                    sl = slice(0, 1)
-                parts.append((dm._x_test[idx[sl]], y[sl]))
-            out = _pad_stack(parts, force_mask=self.masked)
-            for r, empty in enumerate(ran_out):
-                if empty:
-                    out[2][r] = 0.0
-            yield out
 
 
 class FederatedDataModule(LightningDataModule):
@@ -337,7 +187,7 @@ class FederatedDataModule(LightningDataModule):
         self._steps_per_epoch = steps_per_epoch
         self.seed = seed
         self._built = False
-        self._train_position = 0
+        self._train_position = StreamPosition(0)
         self._extra_counters: dict[str, int] = {}
 
     # ------------------------------------------------------------------ data
@@ -546,7 +396,7 @@ class FederatedDataModule(LightningDataModule):
         """``[m, B]`` local item indices of batch ``k`` for clients ``ids`` (``shuffle`` / ``replacement``)."""
         sizes, b = self._sizes[ids], self.batch_size
         if self.sampling == "replacement":
-            u = _uniform(self._keys(_STREAM_REPLACEMENT, ids, np.full(ids.size, k), b))
+            u = uniform_from_bits(self._keys(_STREAM_REPLACEMENT, ids, np.full(ids.size, k), b))
             return np.minimum((u * sizes[:, None]).astype(np.int64), sizes[:, None] - 1)
         pos = np.arange(k * b, (k + 1) * b, dtype=np.int64)[None, :]
         passes, offsets = pos // sizes[:, None], pos % sizes[:, None]
@@ -584,7 +434,7 @@ class FederatedDataModule(LightningDataModule):
             return self._gather(ids, self._train_indices(ids, k))
         everyone = np.arange(self.n_clients)
         width = int(self._sizes.max())
-        u = _uniform(self._keys(_STREAM_POISSON, everyone, np.full(everyone.size, k), width))
+        u = uniform_from_bits(self._keys(_STREAM_POISSON, everyone, np.full(everyone.size, k), width))
         cols = np.arange(width)[None, :]
         keep = (u < np.minimum(1.0, self.batch_size / self._sizes)[:, None]) & (cols < self._sizes[:, None])
         longest = max(1, int(keep.sum(1).max()))
@@ -674,31 +524,32 @@ class FederatedDataModule(LightningDataModule):
     # ------------------------------------------------------------ loaders
     def local_client_ids(self) -> list[int]:
         """Clients served to this process: ``trainer.strategy.local_client_ids`` if present, else all clients."""
-        trainer = getattr(self, "trainer", None)
-        ids = getattr(getattr(trainer, "strategy", None), "local_client_ids", None)
-        if ids is None:
-            return list(range(self.n_clients))
-        ids = [int(i) for i in ids]
-        if any(not 0 <= i < self.n_clients for i in ids):
-            raise MisconfigurationException(
-                f"strategy.local_client_ids {ids} do not fit the datamodule's `n_clients`={self.n_clients}."
-            )
-        return ids
+        return served_client_ids(self, self.n_clients)
 
     def train_dataloader(self, client_ids: Sequence[int] | None = None) -> DataLoader:
-        """Stacked training batches for ``client_ids`` (default :meth:`local_client_ids`)."""
+        """Stacked training batches for ``client_ids`` (default :meth:`local_client_ids`), resumable."""
         self._ensure_built()
         ids = self.local_client_ids() if client_ids is None else list(client_ids)
-        stream = ClientBatchStream(self, ids, self.steps_per_epoch)
-        return _ResumableLoader(stream, batch_size=None, num_workers=0, generator=loader_generator(self.seed))
+        return ResumableLoader(
+            lambda k: self.train_batch(k, ids), self.steps_per_epoch, self._train_position, self.seed
+        )
+
+    def _eval_batch(self, client_id: int, b: int, size: int) -> tuple[Tensor, Tensor] | None:
+        idx, y = self._test_idx[client_id], self._test_y[client_id]
+        sl = slice(b * size, (b + 1) * size)
+        if idx[sl].numel() == 0:
+            return None
+        return self._x_test[idx[sl]], y[sl]
 
     def val_dataloader(self, client_ids: Sequence[int] | None = None) -> DataLoader:
         """Stacked held-out batches for ``client_ids`` (default :meth:`local_client_ids`)."""
         self._ensure_built()
         ids = self.local_client_ids() if client_ids is None else list(client_ids)
-        return DataLoader(
-            ClientEvalStream(self, ids, self.eval_batch_size), batch_size=None, generator=loader_generator(self.seed)
-        )
+        sizes = [int(self._test_idx[i].numel()) for i in ids]
+        size = max(sizes) if self.eval_batch_size is None else int(self.eval_batch_size)
+        length = max(math.ceil(n / size) for n in sizes)
+        stream = ClientEvalStream(lambda i, b: self._eval_batch(i, b, size), ids, length, masked=len(set(sizes)) > 1)
+        return DataLoader(stream, batch_size=None, generator=loader_generator(self.seed))
 
     def test_dataloader(self, client_ids: Sequence[int] | None = None) -> DataLoader:
         """Same as :meth:`val_dataloader` (the held-out split)."""
@@ -709,7 +560,7 @@ class FederatedDataModule(LightningDataModule):
         """Training position, extra-batch counters and the partition fingerprint."""
         return {
             "fingerprint": self.fingerprint,
-            "train_position": self._train_position,
+            "train_position": self._train_position.value,
             "extra_counters": dict(self._extra_counters),
         }
 
@@ -725,5 +576,5 @@ class FederatedDataModule(LightningDataModule):
                 f"{self.fingerprint}; the data set, `n_clients`, `partition`, `n_clusters`, `test_fraction` or "
                 "`seed` differ from the checkpointed run."
             )
-        self._train_position = int(state_dict["train_position"])
+        self._train_position.value = int(state_dict["train_position"])
         self._extra_counters = {str(k): int(v) for k, v in state_dict.get("extra_counters", {}).items()}

@@ -18,7 +18,6 @@ Batches are produced whole by the dataset (``DataLoader(batch_size=None)``); tas
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,11 +25,12 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from lightning_epfl.datamodules.streams import ResumableLoader, StreamPosition
 from lightning_epfl.functional.meta import quadratic_fomaml_fixed_point, quadratic_maml_solution
-from lightning_epfl.utilities import loader_generator
+from lightning_epfl.seeding import loader_generator, numpy_generator
 
 __all__ = ["FewShotDigits", "FewShotTasksBase", "LinearRegressionTasks", "SinusoidTasks", "TaskBatch"]
 
@@ -76,21 +76,6 @@ class TaskBatch:
         )
 
 
-class _TrainStream(IterableDataset):
-    """``batches_per_epoch`` task batches starting at the datamodule's cursor."""
-
-    def __init__(self, dm: FewShotTasksBase) -> None:
-        self.dm = dm
-
-    def __len__(self) -> int:
-        return self.dm.batches_per_epoch
-
-    def __iter__(self) -> Iterator[TaskBatch]:
-        start, rank = self.dm.cursor, self.dm._rank()
-        for j in range(start, start + self.dm.batches_per_epoch):
-            yield self.dm.train_batch(j, rank)
-
-
 class _FixedBatches(Dataset):
     def __init__(self, batch: TaskBatch, batch_size: int) -> None:
         self.batch = batch
@@ -134,7 +119,7 @@ class FewShotTasksBase(LightningDataModule):
         self.val_tasks = val_tasks
         self.val_batch_size = val_batch_size
         self.seed = seed
-        self.cursor = 0
+        self._position = StreamPosition(0)
         self._val: TaskBatch | None = None
 
     def sample_tasks(self, num_tasks: int, rng: np.random.Generator, split: str) -> TaskBatch:
@@ -148,7 +133,7 @@ class FewShotTasksBase(LightningDataModule):
         rank 0's stream is the single-process stream.
         """
         key = [self.seed, 0, index] if rank == 0 else [self.seed, 0, index, rank]
-        batch = self.sample_tasks(self.tasks_per_batch, np.random.default_rng(key), "train")
+        batch = self.sample_tasks(self.tasks_per_batch, numpy_generator(*key), "train")
         batch.index = index
         return batch
 
@@ -159,16 +144,22 @@ class FewShotTasksBase(LightningDataModule):
     def val_batch(self) -> TaskBatch:
         """All fixed validation tasks as one batch."""
         if self._val is None:
-            self._val = self.sample_tasks(self.val_tasks, np.random.default_rng([self.seed, 1]), "val")
+            self._val = self.sample_tasks(self.val_tasks, numpy_generator(self.seed, 1), "val")
         return self._val
 
     def monitor_batch(self, num_tasks: int) -> TaskBatch:
         """A fixed batch of ``num_tasks`` training-distribution tasks, for monitoring the exact meta-gradient."""
-        return self.sample_tasks(num_tasks, np.random.default_rng([self.seed, 2]), "train")
+        return self.sample_tasks(num_tasks, numpy_generator(self.seed, 2), "train")
+
+    @property
+    def cursor(self) -> int:
+        """Index of the next training batch of the stream."""
+        return self._position.value
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_TrainStream(self), batch_size=None, generator=loader_generator(self.seed))
+        rank = self._rank()
+        return ResumableLoader(lambda k: self.train_batch(k, rank), self.batches_per_epoch, self._position, self.seed)
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -177,19 +168,12 @@ class FewShotTasksBase(LightningDataModule):
         )
 
     @override
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        trainer = self.trainer
-        if trainer is not None and trainer.training and isinstance(batch, TaskBatch) and batch.index >= 0:
-            self.cursor = batch.index + 1
-        return batch
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         return {"cursor": self.cursor, "seed": self.seed}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.cursor = int(state_dict["cursor"])
+        self._position.value = int(state_dict["cursor"])
 
 
 def _as_tensor(a: np.ndarray, dtype: torch.dtype) -> Tensor:
@@ -303,7 +287,7 @@ class LinearRegressionTasks(FewShotTasksBase):
         self.dim, self.num_tasks, self.rows = dim, num_tasks, rows
         self.curvature = tuple(curvature)
         self.dtype = getattr(torch, dtype)
-        rng = np.random.default_rng([seed, 3])
+        rng = numpy_generator(seed, 3)
         scales = np.linspace(*self.curvature, num_tasks)[:, None, None]
         x = rng.standard_normal((num_tasks, rows, dim)) * scales
         w = rng.standard_normal((num_tasks, dim))
@@ -385,7 +369,7 @@ class FewShotDigits(FewShotTasksBase):
 
         x, y = load_digits_arrays(scale=True)
         self._x = torch.from_numpy(x)
-        rng = np.random.default_rng([seed, 4])
+        rng = numpy_generator(seed, 4)
         pools: dict[str, dict[int, np.ndarray]] = {"train": {}, "val": {}}
         for c in range(10):
             idx = rng.permutation(np.flatnonzero(y == c))

@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from lightning_epfl.utilities import loader_generator
+from lightning_epfl.datamodules.streams import ResumableLoader, StreamPosition
+from lightning_epfl.seeding import epoch_permutation, loader_generator
 
 BYTE_VOCAB_SIZE = 256
 TOKENIZER_DESCRIPTION_FILE = "lightning_epfl_tokenizer.json"
@@ -174,93 +174,6 @@ class TokenBlocks(Dataset):
         return {"input_ids": self.tokens[start : start + self.block_size]}
 
 
-class _EpochPermutation(Sampler[int]):
-    """Indices ``0..n-1`` in a fresh seeded permutation per epoch, optionally starting mid-permutation."""
-
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-        self.start = 0
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):  # noqa: D105
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator)[self.start :].tolist()
-        self.start = 0
-        self.epoch += 1
-        yield from order
-
-
-class ResumableDataLoader(DataLoader):
-    """A shuffling DataLoader whose position survives a checkpoint.
-
-    Epoch ``e`` visits the dataset in ``randperm(n)`` drawn from a generator seeded by ``(seed, e)``. Lightning saves
-    :meth:`state_dict` (epoch and batches consumed) in the checkpoint and calls :meth:`load_state_dict` on resume,
-    so a run resumed mid-epoch sees exactly the batches the uninterrupted run would have seen. (Under a distributed
-    sampler, which Lightning substitutes in multi-process runs, the batch order is the sampler's.)
-
-    Args:
-        dataset: A map-style dataset.
-        batch_size: Samples per batch.
-        seed: Seed of the per-epoch permutations.
-        drop_last: Drop the last incomplete batch.
-        num_workers: DataLoader workers.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, drop_last: bool, num_workers: int = 0) -> None:
-        self._permutation = _EpochPermutation(len(dataset), seed)  # type: ignore[arg-type]
-        super().__init__(
-            dataset,
-            batch_size=batch_size,
-            sampler=self._permutation,
-            drop_last=drop_last,
-            num_workers=num_workers,
-            generator=loader_generator(seed),
-        )
-        self._epoch = 0
-        self._consumed = 0
-
-    def __iter__(self):  # noqa: D105
-        self._epoch, self._consumed = self._permutation.epoch, self._permutation.start // self.batch_size
-        for batch in super().__iter__():
-            self._consumed += 1
-            yield batch
-        self._epoch, self._consumed = self._epoch + 1, 0
-
-    def state_dict(self) -> dict[str, int]:
-        """Return ``{"epoch", "batches", "num_samples", "batch_size", "seed"}`` of the consumer's position."""
-        epoch, consumed = self._epoch, self._consumed
-        if consumed >= len(self):  # the last batch was consumed but the iterator has not been asked for more yet
-            epoch, consumed = epoch + 1, 0
-        return {
-            "epoch": epoch,
-            "batches": consumed,
-            "num_samples": self._permutation.num_samples,
-            "batch_size": int(self.batch_size or 1),
-            "seed": self._permutation.seed,
-        }
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a saved position; a different dataset size, batch size or seed restarts that epoch."""
-        same = (state["num_samples"], state["batch_size"], state["seed"]) == (
-            self._permutation.num_samples,
-            self.batch_size,
-            self._permutation.seed,
-        )
-        self._permutation.epoch = self._epoch = state["epoch"]
-        if not same:
-            rank_zero_warn(
-                "The training data changed since the checkpoint (size, batch size or seed): the resumed epoch starts "
-                "from its first batch.",
-                category=RuntimeWarning,
-            )
-        self._consumed = state["batches"] if same else 0
-        self._permutation.start = self._consumed * int(self.batch_size or 1)
-
-
 class TextDataModule(LightningDataModule):
     """Causal-LM datamodule: documents → tokens → packed blocks, deterministic document-level split.
 
@@ -269,8 +182,9 @@ class TextDataModule(LightningDataModule):
     ``random.Random(seed)`` and assigned to validation/test until each holds ``val_fraction``/``test_fraction`` of
     the characters; the rest is training text. Each split's documents are joined with a separator (``"\\n"`` for
     bytes, the tokenizer's EOS token otherwise) and packed into non-overlapping blocks of ``block_size`` tokens.
-    Training blocks are reshuffled every epoch by a generator seeded by ``(seed, epoch)``; the position in the epoch
-    is checkpointed (:class:`ResumableDataLoader`), so a resumed run continues with the same batches.
+    Training blocks are reshuffled every epoch (:func:`lightning_epfl.seeding.epoch_permutation` of ``(seed,
+    epoch)``); training batch ``k`` is a pure function of ``(seed, k)`` and the loader's position ``k`` is
+    checkpointed (:mod:`lightning_epfl.datamodules.streams`), so a resumed run continues with the same batches.
 
     Args:
         paths: Local text files and/or folders (read recursively with ``glob``); ``None`` uses ``dataset_path``
@@ -286,7 +200,8 @@ class TextDataModule(LightningDataModule):
         val_fraction: Fraction of the characters held out for validation, in ``(0, 1)``.
         test_fraction: Fraction held out for testing, in ``[0, 1)``; ``0`` makes the test loader reuse validation.
         glob: File pattern inside folders given in ``paths``.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader workers of the validation and test loaders (the training stream is produced in the
+            main process).
         seed: Seed of the split and of the batch order.
 
     Attributes:
@@ -355,6 +270,7 @@ class TextDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.datasets: dict[str, TokenBlocks] = {}
+        self._train_position = StreamPosition(0)
 
     @property
     def tokenizer(self) -> Any:
@@ -475,11 +391,22 @@ class TextDataModule(LightningDataModule):
         if "test" not in self.datasets:
             self.datasets["test"] = self.datasets["val"]
 
-    def train_dataloader(self) -> DataLoader:
+    @property
+    def batches_per_epoch(self) -> int:
+        """Training batches per epoch: full batches only when there is more than one batch of blocks."""
+        n = len(self.datasets["train"])
+        return n // self.batch_size if n > self.batch_size else 1
+
+    def train_batch(self, k: int) -> dict[str, torch.Tensor]:
+        """Training batch ``k`` (counted across epochs): ``{"input_ids": [B, block_size]}``, a pure function of
+        ``(seed, k)`` (epoch ``k // batches_per_epoch`` in its own seeded order)."""
         train = self.datasets["train"]
-        return ResumableDataLoader(
-            train, self.batch_size, self.seed, drop_last=len(train) > self.batch_size, num_workers=self.num_workers
-        )
+        epoch, j = divmod(k, self.batches_per_epoch)
+        order = epoch_permutation(len(train), self.seed, epoch)[j * self.batch_size : (j + 1) * self.batch_size]
+        return {"input_ids": torch.stack([train[int(i)]["input_ids"] for i in order])}
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableLoader(self.train_batch, self.batches_per_epoch, self._train_position, self.seed)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(

@@ -68,6 +68,10 @@ class CausalLMModule(LightningModule):
     Logged: ``train/loss`` (per step, nats/token), ``val/loss`` (token-weighted mean over the validation set),
     ``val/ppl`` (``exp(val/loss)``), and the same under ``test/``.
 
+    It is also a collaborative client (``client_loss``, ``client_metrics`` with ``nll_sum``/``tokens``,
+    ``metrics_from_sums``): under ``CollaborativeStrategy`` with ``lora=...`` only the adapters are stacked per
+    client and the frozen base is shared; batches are dicts stacked over clients (``FederatedTextDataModule``).
+
     Args:
         config: Overrides of :data:`DEFAULT_LLAMA_CONFIG` (any ``transformers`` config field, ``model_type`` to pick
             another architecture). ``vocab_size`` defaults to the datamodule's. Mutually exclusive with
@@ -218,14 +222,42 @@ class CausalLMModule(LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the summed next-token cross-entropy (nats) and the number of predicted tokens."""
+        """Return the summed next-token cross-entropy (nats) and the number of predicted tokens.
+
+        Labels ``-100`` are not predicted; an optional ``mask`` ``[B]`` (padding rows of a stacked client batch: 0)
+        removes whole sequences. Written without data-dependent control flow, so it runs under ``torch.func.vmap``.
+        """
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)
         logits = self(input_ids, batch.get("attention_mask"))
-        shift_logits = logits[:, :-1].reshape(-1, logits.size(-1)).float()
-        shift_labels = labels[:, 1:].reshape(-1)
-        loss_sum = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-        return loss_sum, (shift_labels != -100).sum()
+        shift_labels = labels[:, 1:]
+        valid = shift_labels != -100
+        if "mask" in batch:
+            valid = valid & (batch["mask"][:, None] > 0)
+        per_token = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)).float(), shift_labels.clamp_min(0).reshape(-1), reduction="none"
+        ).view_as(shift_labels)
+        weight = valid.to(per_token.dtype)
+        return (per_token * weight).sum(), weight.sum()
+
+    # ------------------------------------------------------------------ collaborative client contract
+    count_key = "tokens"
+    """Key of :meth:`client_metrics` holding the number of predicted tokens."""
+
+    def client_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token cross-entropy (nats/token) of one client's batch (pure: runs under ``vmap``)."""
+        nll_sum, tokens = self._loss_sum(batch)
+        return nll_sum / tokens.clamp_min(1)
+
+    def client_metrics(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"nll_sum": summed cross-entropy (nats), "tokens": predicted tokens}`` of one client's batch."""
+        nll_sum, tokens = self._loss_sum(batch)
+        return {"nll_sum": nll_sum, "tokens": tokens}
+
+    def metrics_from_sums(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``loss`` = ``nll_sum / tokens`` (nats/token) and ``ppl`` = ``exp(loss)``, per entry of the sums."""
+        loss = sums["nll_sum"] / sums["tokens"].clamp_min(1)
+        return {"loss": loss, "ppl": torch.exp(loss.clamp_max(80.0))}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self._loss_sum(batch)

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from lightning_epfl.functional.topology import Topology
+from lightning_epfl.seeding import seeded_generator
 from lightning_epfl.strategies.collaborative.communicator import Communicator
 from lightning_epfl.strategies.collaborative.stack import ClientStack, StackSlot, stack_client_batches
-from lightning_epfl.utilities import seeded_generator
 
 
 @dataclass

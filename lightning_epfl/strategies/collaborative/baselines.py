@@ -19,8 +19,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from lightning_epfl.seeding import derive_seed
 from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext
-from lightning_epfl.utilities import derive_seed
 
 
 def _true_clusters(ctx: StepContext, who: str) -> Tensor:

@@ -33,8 +33,8 @@ from lightning_epfl.functional.cobo import (
     sample_pairs,
     stability_product,
 )
+from lightning_epfl.seeding import derive_seed
 from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext
-from lightning_epfl.utilities import derive_seed
 
 
 class CoBo(CollaborativeAlgorithm):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from lightning_epfl.utilities import derive_seed
+from lightning_epfl.seeding import derive_seed
 
 
 @dataclass(frozen=True)

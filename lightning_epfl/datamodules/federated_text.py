@@ -1,0 +1,236 @@
+"""Client-partitioned text
+========================
+
+:class:`FederatedTextDataModule` gives each client its own text (its own local files, or a share of a corpus's
+documents) and serves **stacked dict batches** ``{"input_ids": [n_local, B, block_size]}`` of next-token blocks to
+the collaborative core, for language-model clients (``CausalLMModule``, e.g. with LoRA adapters over a shared frozen
+base). Every client's documents are split into train and validation documents; each split is tokenized with one
+shared tokenizer and packed into blocks, as :class:`~lightning_epfl.datamodules.text.TextDataModule` does for one
+corpus. Nothing is downloaded: the default corpus is Python's own ``pydoc_data`` text.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_epfl.datamodules.client_data import ClientEvalStream, served_client_ids
+from lightning_epfl.datamodules.streams import ResumableLoader, StreamPosition
+from lightning_epfl.datamodules.text import TextDataModule, TokenBlocks
+from lightning_epfl.seeding import epoch_permutation, loader_generator
+
+__all__ = ["FederatedTextDataModule"]
+
+
+class FederatedTextDataModule(LightningDataModule):
+    """Text split over ``n_clients`` clients, served as stacked dict batches of token blocks.
+
+    Sources: ``client_paths[i]`` (files or folders, as ``TextDataModule(paths=...)``) for client ``i``; or, without
+    ``client_paths``, the ``pydoc_data`` topics dealt to the clients: ``partition="contiguous"`` gives each client a
+    run of alphabetically adjacent topics (related subjects, a non-IID split), ``"shuffled"`` a random share.
+
+    Training batch ``k`` of client ``i`` holds ``batch_size`` of its training blocks, in the order of its own per-epoch
+    permutation (:func:`lightning_epfl.seeding.epoch_permutation` of ``(seed + i, epoch)``): a pure function of
+    ``(seed, i, k)``, identical in every process layout, resumed exactly from the loader's position.
+
+    Args:
+        n_clients: Number of clients (``>= 1``).
+        client_paths: One list of local text files/folders per client; ``None`` for the pydoc corpus.
+        partition: How pydoc topics are dealt without ``client_paths``: ``"contiguous"`` or ``"shuffled"``.
+        tokenizer_path: Tokenizer, as ``TextDataModule(tokenizer_path=...)`` (a model name or path; ``None`` bytes).
+        block_size: Tokens per sequence (``>= 2``).
+        batch_size: Sequences per client and batch (``>= 1``).
+        val_fraction: Share of each client's characters held out for validation, in ``(0, 1)``.
+        steps_per_epoch: Training batches per epoch; default: the smallest client's full batches.
+        seed: Seed of the topic deal, the splits and the batch order.
+
+    Attributes:
+        vocab_size: The tokenizer's vocabulary size (read by ``CausalLMModule``).
+
+    Raises:
+        MisconfigurationException: In ``__init__`` for a bad count or fraction, ``client_paths`` of the wrong length,
+            a missing path, or an unresolvable tokenizer; in ``setup`` if a client has less than one block of
+            training or validation text, or fewer pydoc topics than clients.
+    """
+
+    def __init__(
+        self,
+        n_clients: int = 4,
+        client_paths: list[list[str]] | None = None,
+        partition: Literal["contiguous", "shuffled"] = "contiguous",
+        tokenizer_path: str | None = None,
+        block_size: int = 128,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        steps_per_epoch: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if n_clients < 1:
+            raise MisconfigurationException(f"`n_clients` must be >= 1, got {n_clients}.")
+        if client_paths is not None and len(client_paths) != n_clients:
+            raise MisconfigurationException(
+                f"`client_paths` must hold one list per client ({n_clients}), got {len(client_paths)}."
+            )
+        if partition not in ("contiguous", "shuffled"):
+            raise MisconfigurationException(f"`partition` must be 'contiguous' or 'shuffled', got {partition!r}.")
+        if steps_per_epoch is not None and steps_per_epoch < 1:
+            raise MisconfigurationException(f"`steps_per_epoch` must be >= 1 or None, got {steps_per_epoch}.")
+        # one TextDataModule per client checks paths, sizes, fractions and the tokenizer, and does the splitting
+        self.clients = [
+            TextDataModule(
+                paths=None if client_paths is None else client_paths[i],
+                tokenizer_path=tokenizer_path,
+                block_size=block_size,
+                batch_size=batch_size,
+                val_fraction=val_fraction,
+                seed=seed + i,
+            )
+            for i in range(n_clients)
+        ]
+        self.save_hyperparameters()
+        self.n_clients = n_clients
+        self.client_paths = client_paths
+        self.partition = partition
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self._steps_per_epoch = steps_per_epoch
+        self._train: list[TokenBlocks] = []
+        self._val: list[TokenBlocks] = []
+        self._train_position = StreamPosition(0)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The shared tokenizer (loaded on first access)."""
+        return self.clients[0].tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.clients[0].vocab_size
+
+    def client_documents(self) -> list[list[str]]:
+        """Each client's documents (before its train/validation split)."""
+        if self.client_paths is not None:
+            return [c.load_documents() for c in self.clients]
+        from lightning_epfl.datamodules.text import pydoc_documents
+
+        docs = pydoc_documents()
+        if len(docs) < self.n_clients:
+            raise MisconfigurationException(
+                f"the pydoc corpus has {len(docs)} topics for `n_clients`={self.n_clients}; give `client_paths`."
+            )
+        order = list(range(len(docs)))
+        if self.partition == "shuffled":
+            random.Random(self.seed).shuffle(order)
+        bounds = [round(i * len(docs) / self.n_clients) for i in range(self.n_clients + 1)]
+        return [[docs[j] for j in order[bounds[i] : bounds[i + 1]]] for i in range(self.n_clients)]
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        if self._train:
+            return
+        tokenizer = self.clients[0].tokenizer
+        for client in self.clients[1:]:
+            client._tokenizer = tokenizer  # one tokenizer for all clients
+        for i, (client, docs) in enumerate(zip(self.clients, self.client_documents())):
+            splits = client.split_documents(docs)
+            for name, store in (("train", self._train), ("val", self._val)):
+                tokens = client._encode(splits[name])
+                if len(tokens) < self.block_size:
+                    raise MisconfigurationException(
+                        f"client {i}'s {name} text has {len(tokens)} tokens, less than one `block_size` "
+                        f"({self.block_size}); use a smaller `block_size`, fewer clients or more text."
+                    )
+                store.append(TokenBlocks(tokens, self.block_size))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training batches per epoch (default: the smallest client's number of full batches, at least 1)."""
+        if self._steps_per_epoch is not None:
+            return self._steps_per_epoch
+        self.setup()
+        return max(1, min(len(t) for t in self._train) // self.batch_size)
+
+    @property
+    def client_sizes(self) -> list[int]:
+        """Training blocks per client."""
+        self.setup()
+        return [len(t) for t in self._train]
+
+    def local_client_ids(self) -> list[int]:
+        """Clients served to this process (``strategy.local_client_ids`` under a collaborative strategy)."""
+        return served_client_ids(self, self.n_clients)
+
+    def _client_batch(self, i: int, k: int) -> dict[str, Tensor]:
+        blocks = self._train[i]
+        n, b = len(blocks), self.batch_size
+        start = k * b
+        idx: list[int] = []
+        while len(idx) < b:  # walk the client's own epoch permutations (a batch may straddle two epochs)
+            epoch, offset = divmod(start + len(idx), n)
+            perm = epoch_permutation(n, self.seed + i, epoch)
+            idx += perm[offset : offset + b - len(idx)].tolist()
+        return {"input_ids": torch.stack([blocks[j]["input_ids"] for j in idx])}
+
+    def train_batch(self, k: int, client_ids: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """Training batch ``k`` stacked over ``client_ids`` (default all): ``{"input_ids": [n, B, block_size]}``."""
+        self.setup()
+        ids = range(self.n_clients) if client_ids is None else client_ids
+        return {"input_ids": torch.stack([self._client_batch(int(i), k)["input_ids"] for i in ids])}
+
+    def extra_batch(self, client_id: int, size: int, stream: str = "extra", step: int | None = None) -> Any:
+        """``size`` training blocks of client ``client_id`` (``-1``: all), independent of the training stream."""
+        self.setup()
+        blocks = self._train[client_id]
+        n = len(blocks)
+        if size == -1 or size >= n:
+            idx = list(range(n))
+        else:
+            from lightning_epfl.seeding import seeded_generator
+
+            g = seeded_generator(self.seed, stream, client_id, -1 if step is None else step)
+            idx = torch.randperm(n, generator=g)[:size].tolist()
+        return {"input_ids": torch.stack([blocks[j]["input_ids"] for j in idx])}
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        ids = self.local_client_ids()
+        return ResumableLoader(
+            lambda k: self.train_batch(k, ids), self.steps_per_epoch, self._train_position, self.seed
+        )
+
+    def _eval_batch(self, i: int, b: int) -> dict[str, Tensor] | None:
+        blocks = self._val[i]
+        start = b * self.batch_size
+        if start >= len(blocks):
+            return None
+        stop = min(start + self.batch_size, len(blocks))
+        return {"input_ids": torch.stack([blocks[j]["input_ids"] for j in range(start, stop)])}
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        ids = self.local_client_ids()
+        sizes = [len(self._val[i]) for i in ids]
+        length = max(math.ceil(s / self.batch_size) for s in sizes)
+        stream = ClientEvalStream(self._eval_batch, ids, length, masked=len(set(sizes)) > 1)
+        return DataLoader(stream, batch_size=None, generator=loader_generator(self.seed))
+
+    def test_dataloader(self) -> DataLoader:
+        """Same as :meth:`val_dataloader` (the held-out split)."""
+        return self.val_dataloader()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_position": self._train_position.value}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_position.value = int(state_dict.get("train_position", 0))
