@@ -5,7 +5,8 @@
 it into place, so a process killed while saving leaves either the complete file or no file under the final name.
 Lightning's default ``TorchCheckpointIO`` stages the file in the system temporary folder and moves it; when that
 folder is on another file system the move is a copy, and a kill during the copy leaves a truncated checkpoint under
-the final name. Loading errors name the path and the cause.
+the final name. Temporary files of processes killed while saving are removed at the next save in the same folder.
+Files that are not complete Lightning checkpoints are refused with the path and the cause before loading.
 
 The ``lightning-epfl`` CLI installs it in place of Lightning's default; elsewhere pass
 ``Trainer(plugins=[AtomicCheckpointIO()])``.
@@ -22,7 +23,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_epfl.utilities import atomic_write, check_checkpoint_path
+from lightning_epfl.utilities import atomic_write, check_checkpoint_path, remove_dead_temporaries
 
 __all__ = ["AtomicCheckpointIO"]
 
@@ -38,6 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
+        remove_dead_temporaries(os.path.dirname(os.path.abspath(os.fspath(path))), "*.ckpt.tmp*")
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     @override

@@ -61,14 +61,32 @@ class EPFLCLI(LightningCLI):
         return trainer
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
-        """Parse, then check ``--ckpt_path`` before LightningCLI reads hyperparameters from it."""
+        """Parse, then check ``--ckpt_path`` before LightningCLI reads hyperparameters from it.
+
+        LightningCLI replaces the configured model by the checkpoint's model class when they differ; a checkpoint of
+        another model class is refused here instead.
+        """
         super().parse_arguments(parser, args)
+        self._resume_checkpoint = None
         subcommand = self.config.get("subcommand")
-        if subcommand:
-            check_checkpoint_path(self.config[subcommand].get("ckpt_path"))
+        if not subcommand:
+            return
+        path = self.config[subcommand].get("ckpt_path")
+        checkpoint = check_checkpoint_path(path)
+        if checkpoint is None:
+            return
+        saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+        model = self.config[subcommand].get("model")
+        configured = getattr(model, "class_path", None) if model is not None else None
+        if saved and configured and saved != configured:
+            raise MisconfigurationException(
+                f"`ckpt_path` {path!r} is a checkpoint of {saved}, but the configured model is {configured}; resume "
+                "with the configuration that wrote the checkpoint."
+            )
+        self._resume_checkpoint = checkpoint
 
     def _check_before_run(self) -> None:
-        check_before_run(self.trainer, self.model, self.datamodule)
+        check_before_run(self.trainer, self.model, self.datamodule, getattr(self, "_resume_checkpoint", None))
 
     def before_fit(self) -> None:
         """Checks before ``fit``: the checkpoint to resume from, and every component's ``check_config``."""
@@ -171,14 +189,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     ``--traceback`` anywhere in the arguments, or ``LIGHTNING_EPFL_TRACEBACK=1``, the exception propagates with its
     traceback.
     """
+    from_command_line = argv is None
     args = list(sys.argv[1:] if argv is None else argv)
     show_traceback = TRACEBACK_FLAG in args or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
     args = [a for a in args if a != TRACEBACK_FLAG]
+    if from_command_line:  # LightningCLI reads sys.argv itself (passing `args` as well makes it warn)
+        sys.argv = [sys.argv[0], *args]
+    run_args = None if from_command_line else args
     if show_traceback:
-        cli_main(args)
+        cli_main(run_args)
         return
     try:
-        cli_main(args)
+        cli_main(run_args)
     except KeyboardInterrupt:
         print("lightning-epfl: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -17,7 +17,11 @@ if TYPE_CHECKING:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> str:
-    """Write a file under a temporary name in the same folder, then rename it over ``path``.
+    """Write a file under a temporary name in the same folder, flush it to disk, then rename it over ``path``.
+
+    A process killed at any moment leaves either the previous file or the complete new one under ``path`` (and at
+    most a ``<path>.tmp<pid>`` file, see :func:`remove_dead_temporaries`); the file and the rename are ``fsync``-ed,
+    so the same holds across a power loss on file systems that honour ``fsync``.
 
     Args:
         path: Final file path; its folder is created if missing.
@@ -30,16 +34,64 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> str:
         Whatever ``write`` raises; the temporary file is removed first and ``path`` is left untouched.
     """
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:  # on disk before the rename: a power loss leaves the old file or the new one
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_folder(folder)
     return path
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - file systems without directory fsync
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_dead_temporaries(folder: str | os.PathLike, pattern: str = "*.tmp*") -> list[str]:
+    """Delete temporary files of :func:`atomic_write` (``<name>.tmp<pid>``) whose process no longer runs.
+
+    A process killed while writing leaves its temporary file behind; the final name was never touched.
+
+    Returns:
+        The removed paths.
+    """
+    import glob
+
+    removed = []
+    for tmp in glob.glob(os.path.join(os.fspath(folder), pattern)):
+        pid = tmp.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            os.remove(tmp)
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed
 
 
 def umask_permissions(folder: str | os.PathLike) -> None:
@@ -101,22 +153,26 @@ def new_figure(figsize: tuple[float, float] = (6.4, 4.8)) -> Any:
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 
 
-def check_checkpoint_path(ckpt_path: str | os.PathLike | None, argument: str = "ckpt_path") -> None:
-    """Check that a checkpoint to resume from exists and is a complete PyTorch checkpoint, without loading it.
+def check_checkpoint_path(ckpt_path: str | os.PathLike | None, argument: str = "ckpt_path") -> dict | None:
+    """Check that a checkpoint to resume from exists and is a complete Lightning checkpoint.
 
     Lightning's special values (``"last"``, ``"best"``, ``"hpc"``, ``"registry..."``) and remote URLs pass unchecked.
     The file is opened with ``torch.load(..., mmap=True, weights_only=True)``: the structure is read, the tensors
     are only mapped.
 
+    Returns:
+        The (memory-mapped) checkpoint, or ``None`` when nothing was checked.
+
     Raises:
-        MisconfigurationException: If the file does not exist, is truncated, or is not a checkpoint; the message
-            names the argument and the path.
+        MisconfigurationException: If the file does not exist, is truncated, is not a PyTorch checkpoint, or is a
+            PyTorch file but not a Lightning checkpoint (e.g. exported weights); the message names the argument and
+            the path.
     """
     if ckpt_path is None:
-        return
+        return None
     text = os.fspath(ckpt_path)
     if text.startswith(_SPECIAL_CKPT_PATHS) or "://" in text:
-        return
+        return None
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     if not os.path.isfile(text):
@@ -132,16 +188,48 @@ def check_checkpoint_path(ckpt_path: str | os.PathLike | None, argument: str = "
             f"({os.path.getsize(text)} bytes, no valid zip archive). Resume from another checkpoint."
         )
     try:
-        torch.load(text, map_location="cpu", mmap=True, weights_only=True)
+        checkpoint = torch.load(text, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError ... by cause
         reason = str(err).split("\n")[0]
         raise MisconfigurationException(
             f"`{argument}` {text!r} is not a readable checkpoint ({type(err).__name__}: {reason[:200]}). "
             "Resume from another checkpoint."
         ) from err
+    if not isinstance(checkpoint, dict) or not {"pytorch-lightning_version", "state_dict"} <= set(checkpoint):
+        raise MisconfigurationException(
+            f"`{argument}` {text!r} is a PyTorch file but not a Lightning checkpoint (no `state_dict` and "
+            "`pytorch-lightning_version` entries; exported weights such as SWA averages cannot be resumed from). "
+            "Give a checkpoint written by the Trainer (`checkpoints/step=...ckpt`)."
+        )
+    return checkpoint
 
 
-def check_before_run(trainer: Any, pl_module: Any, datamodule: Any = None) -> None:
+def warn_on_unreachable_intervals(trainer: Any) -> None:
+    """Warn when ``max_steps`` is below the validation or checkpoint interval (the run would never reach them)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    total = getattr(trainer, "max_steps", -1)
+    if total is None or total < 1 or getattr(trainer, "fast_dev_run", False):
+        return
+    interval = getattr(trainer, "val_check_interval", None)
+    if isinstance(interval, int) and not isinstance(interval, bool) and interval > total:
+        rank_zero_warn(
+            f"`trainer.val_check_interval`={interval} is larger than `trainer.max_steps`={total}: this run never "
+            f"validates; use `--trainer.val_check_interval` <= {total}.",
+            category=RuntimeWarning,
+        )
+    for cb in getattr(trainer, "callbacks", []):
+        every = getattr(cb, "_every_n_train_steps", 0) if isinstance(cb, ModelCheckpoint) else 0
+        if every and every > total:
+            rank_zero_warn(
+                f"ModelCheckpoint `every_n_train_steps`={every} is larger than `trainer.max_steps`={total}: this run "
+                "writes no step checkpoint.",
+                category=RuntimeWarning,
+            )
+
+
+def check_before_run(trainer: Any, pl_module: Any, datamodule: Any = None, checkpoint: dict | None = None) -> None:
     """Call ``check_config(trainer, pl_module, datamodule)`` of every component that defines it, before anything runs.
 
     Components (callbacks, the strategy, the module and the datamodule) validate settings that depend on each other
@@ -149,14 +237,25 @@ def check_before_run(trainer: Any, pl_module: Any, datamodule: Any = None) -> No
     from their own ``setup``. The ``lightning-epfl`` CLI calls this function before the subcommand starts, so a bad
     combination fails before any process starts or any log folder, checkpoint or export is written.
 
+    With the ``checkpoint`` to resume from, components that define ``check_resume(trainer, pl_module, checkpoint)``
+    check it too (a cooldown that would start before the resumed step). Intervals the run never reaches are
+    reported as warnings.
+
     Raises:
         MisconfigurationException: Whatever the first failing component raises.
     """
     components = [*getattr(trainer, "callbacks", []), getattr(trainer, "strategy", None), pl_module, datamodule]
+    data = datamodule if datamodule is not None else getattr(trainer, "datamodule", None)
     for component in components:
         check = getattr(component, "check_config", None)
         if callable(check):
-            check(trainer, pl_module, datamodule if datamodule is not None else getattr(trainer, "datamodule", None))
+            check(trainer, pl_module, data)
+    if checkpoint is not None:
+        for component in components:
+            check = getattr(component, "check_resume", None)
+            if callable(check):
+                check(trainer, pl_module, checkpoint)
+    warn_on_unreachable_intervals(trainer)
 
 
 def step_scheduler_config(optimizer: torch.optim.Optimizer, lr_scheduler: Any | None) -> Any:

@@ -33,6 +33,8 @@ def test_fault_comparison_detects_changed_missing_and_different_weights(tmp_path
     assert faults.compare(tmp_path / "a", tmp_path / "same", 4) == (0.0, [])
     diff, problems = faults.compare(tmp_path / "a", tmp_path / "b", 4)
     assert diff == 2.0 and any("step 4 val/loss" in p for p in problems)
+    _fake_run(tmp_path / "nan", {2: float("nan"), 4: 0.5}, 1.0)
+    assert faults.compare(tmp_path / "a", tmp_path / "nan", 4)[0] == float("inf")  # a NaN is not "equal"
 
 
 @pytest.mark.slow

@@ -115,12 +115,13 @@ def test_small_max_steps_fails_before_anything_is_written(tmp_path, capsys):
     ("args", "message"),
     [
         (["--trainer.callbacks+=lightning_epfl.callbacks.Cooldown", "--trainer.callbacks.cooldown_fraction=1.5"],
-         "`cooldown_fraction` must be in (0, 1], got 1.5."),
+         "Cooldown: `cooldown_fraction` must be in (0, 1], got 1.5."),
         (["--trainer.callbacks+=lightning_epfl.callbacks.Cooldown", "--trainer.callbacks.cooldown_fraction=0"],
-         "`cooldown_fraction` must be in (0, 1], got 0.0."),
+         "Cooldown: `cooldown_fraction` must be in (0, 1], got 0.0."),
         (["--trainer.callbacks+=lightning_epfl.callbacks.WindowedSWA", "--trainer.callbacks.window_steps=0"],
-         "`window_steps` must be >= 1, got 0."),
-        (["--data.init_args.paths=/no/such/text.txt"], "`paths` entry '/no/such/text.txt' does not exist."),
+         "WindowedSWA: `window_steps` must be >= 1, got 0."),
+        (["--data.init_args.paths=/no/such/text.txt"],
+         "TextDataModule: `paths` entry '/no/such/text.txt' does not exist."),
     ],
 )  # fmt: skip
 def test_cli_prints_the_component_message_last(tmp_path, capsys, args, message):
@@ -283,7 +284,7 @@ def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path, monkeypatch)
 
     io = AtomicCheckpointIO()
     path = tmp_path / "ck" / "step=1.ckpt"
-    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "pytorch-lightning_version": "2.6"}, path)
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
     real_save = torch.save
 
@@ -294,7 +295,7 @@ def test_atomic_checkpoint_io_never_leaves_a_partial_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "pytorch-lightning_version": "2.6"}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert os.listdir(path.parent) == ["step=1.ckpt"]
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
@@ -315,3 +316,93 @@ def test_dataloaders_do_not_draw_from_the_global_rng(tmp_path):
     assert torch.equal(torch.get_rng_state(), state)
     torch.utils.data.DataLoader(list(range(4)), batch_size=2).__iter__()  # control: a plain loader does draw
     assert not torch.equal(torch.get_rng_state(), state)
+
+
+def test_atomic_checkpoint_io_removes_temporaries_of_killed_savers(tmp_path):
+    """A `.ckpt.tmp<pid>` left by a dead process is removed at the next save; a live process's is kept."""
+    import subprocess
+    import sys
+
+    from lightning_epfl.checkpoint_io import AtomicCheckpointIO
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"step=1.ckpt.tmp{int(dead.stdout)}"
+    live = tmp_path / f"step=2.ckpt.tmp{os.getppid()}"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"busy")
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "pytorch-lightning_version": "2.6"}, tmp_path / "s.ckpt")
+    assert not stale.exists() and live.exists() and (tmp_path / "s.ckpt").exists()
+
+
+def test_cli_refuses_foreign_and_other_model_checkpoints_before_writing(tmp_path, capsys):
+    """An exported weights file and a checkpoint of another model class are refused before any folder exists."""
+    job = _tiny_main_job(tmp_path, max_steps=4)
+    cli_main(["fit", "--config", job])
+    swa_file = next((tmp_path / "root").rglob("swa_average_h1.pt"))
+    cobo_ckpt = tmp_path / "mlp.ckpt"
+    from lightning_epfl.modules import MLPClassifier
+
+    torch.save(
+        {
+            "state_dict": {},
+            "pytorch-lightning_version": "2.6",
+            "hyper_parameters": {"_class_path": MLPClassifier.__module__ + ".MLPClassifier"},
+        },
+        cobo_ckpt,
+    )
+    for path, needle in ((swa_file, "not a Lightning checkpoint"), (cobo_ckpt, "is a checkpoint of lightning_epfl")):
+        root = tmp_path / path.stem
+        code, last = _run_main(
+            ["fit", "--config", job, f"--trainer.default_root_dir={root}", "--ckpt_path", str(path)], capsys
+        )
+        assert code == 1 and needle in last and str(path) in last, last
+        assert not root.exists()
+
+
+def test_branch_cooldown_checks_against_the_resumed_step(tmp_path, capsys):
+    """A cooldown that would start before the resumed step fails before any folder, with a max_steps that works;
+    branching from a cooled-down checkpoint warns."""
+    job = _tiny_main_job(tmp_path, max_steps=16)  # trunk cooldown 20 %: from step 13 (16 - 3); checkpoints every 4
+    cli_main(["fit", "--config", job])
+    ckpts = tmp_path / "root" / "lightning_logs" / "version_0" / "checkpoints"
+    root = tmp_path / "branch"
+    code, last = _run_main(
+        ["fit", "--config", job, "--trainer.max_steps=13", f"--trainer.default_root_dir={root}",
+         "--ckpt_path", str(ckpts / "step=12.ckpt")],
+        capsys,
+    )  # fmt: skip
+    assert code == 1 and "start at step 11" in last and "before the resumed step 12" in last, last
+    assert "`trainer.max_steps` >= 14" in last and not root.exists()
+    with pytest.warns(RuntimeWarning, match="inside \\(or after\\) the cooldown it was trained with"):
+        cli_main(["fit", "--config", job, "--trainer.max_steps=30", f"--trainer.default_root_dir={root}",
+                  "--ckpt_path", str(ckpts / "step=16.ckpt")])  # fmt: skip
+
+
+def test_unreachable_validation_interval_warns(tmp_path):
+    """max_steps below val_check_interval (never validates) or the checkpoint interval gives a warning."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_epfl.utilities import warn_on_unreachable_intervals
+
+    trainer = Trainer(
+        max_steps=50, val_check_interval=100, callbacks=[ModelCheckpoint(every_n_train_steps=100)], logger=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning) as record:
+        warn_on_unreachable_intervals(trainer)
+    text = " ".join(str(w.message) for w in record)
+    assert "never validates" in text and "no step checkpoint" in text
+
+
+def test_console_script_reads_sys_argv_without_lightning_warning(tmp_path, monkeypatch, capsys):
+    """`lightning-epfl ...` (main() on sys.argv) does not trigger LightningCLI's warning about `args`."""
+    import warnings
+
+    monkeypatch.setattr(
+        "sys.argv", ["lightning-epfl", "fit", "-c", str(EXAMPLES / "lm_wsd_swa.yaml"), "--print_config"]
+    )
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        main()
+    assert not [w for w in caught if "args" in str(w.message) and "LightningCLI" in str(w.message)]

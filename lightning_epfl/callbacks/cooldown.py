@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import LRSchedulerConfig
 from typing_extensions import override
 
@@ -56,8 +56,13 @@ class Cooldown(Callback):
 
     Raises:
         MisconfigurationException: At construction for a fraction outside ``(0, 1]``, a negative step count, an
-            unknown shape or a ratio outside ``[0, 1]``; at fit start for ``max_steps=-1``, a scheduler that is not a
-            ``WSDScheduler``, a ``WSDScheduler`` stepped per epoch, or a cooldown that starts before the resumed step.
+            unknown shape or a ratio outside ``[0, 1]``; before the run (:meth:`check_config`, :meth:`check_resume`:
+            called by the CLI before anything is written, and from ``setup``) for a missing ``max_steps``, a cooldown
+            that does not fit or overlaps the warmup, or one that starts before the resumed step; at fit start for a
+            scheduler that is not a ``WSDScheduler`` or is stepped per epoch.
+
+    A branch from a checkpoint saved inside (or after) the cooldown it was trained with restarts at the peak LR; that
+    is allowed, with a warning: branch from a stable-phase checkpoint instead.
 
     Example::
 
@@ -75,15 +80,17 @@ class Cooldown(Callback):
         final_lr_ratio: float = 0.0,
     ) -> None:
         if not 0.0 < cooldown_fraction <= 1.0:
-            raise MisconfigurationException(f"`cooldown_fraction` must be in (0, 1], got {cooldown_fraction}.")
+            raise MisconfigurationException(
+                f"Cooldown: `cooldown_fraction` must be in (0, 1], got {cooldown_fraction}."
+            )
         if cooldown_steps is not None and cooldown_steps < 0:
-            raise MisconfigurationException(f"`cooldown_steps` must be >= 0 or None, got {cooldown_steps}.")
+            raise MisconfigurationException(f"Cooldown: `cooldown_steps` must be >= 0 or None, got {cooldown_steps}.")
         if cooldown_start is not None and cooldown_start < 0:
-            raise MisconfigurationException(f"`cooldown_start` must be >= 0 or None, got {cooldown_start}.")
+            raise MisconfigurationException(f"Cooldown: `cooldown_start` must be >= 0 or None, got {cooldown_start}.")
         if shape not in _SHAPES:
-            raise MisconfigurationException(f"`shape` must be one of {list(_SHAPES)}, got {shape!r}.")
+            raise MisconfigurationException(f"Cooldown: `shape` must be one of {list(_SHAPES)}, got {shape!r}.")
         if not 0.0 <= final_lr_ratio <= 1.0:
-            raise MisconfigurationException(f"`final_lr_ratio` must be in [0, 1], got {final_lr_ratio}.")
+            raise MisconfigurationException(f"Cooldown: `final_lr_ratio` must be in [0, 1], got {final_lr_ratio}.")
         self.cooldown_fraction = cooldown_fraction
         self.cooldown_steps = cooldown_steps
         self.cooldown_start = cooldown_start
@@ -170,6 +177,55 @@ class Cooldown(Callback):
             fixes.append(f"`cooldown_fraction` <= {int(room / total * 1000) / 1000:.3f} (Cooldown callback)")
         return fixes
 
+    def check_resume(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        """Check the cooldown against the checkpoint the run resumes from (the CLI calls this before the run).
+
+        Raises:
+            MisconfigurationException: If the cooldown would start before the checkpoint's step (the message gives
+                the smallest ``trainer.max_steps`` that works).
+        """
+        if trainer.fast_dev_run or trainer.max_steps is None or trainer.max_steps < 1:
+            return
+        step = int(checkpoint.get("global_step", 0))
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        saved = (state.get("start"), state.get("length"))
+        start, length = resolve_cooldown(
+            trainer.max_steps,
+            cooldown_fraction=self.cooldown_fraction,
+            cooldown_steps=self.cooldown_steps,
+            cooldown_start=self.cooldown_start,
+        )
+        self._check_resumed_step(trainer.max_steps, start, length, step, same=saved == (start, length))
+        if saved[0] is not None and step > saved[0] and saved != (start, length):
+            rank_zero_warn(
+                f"Cooldown: the checkpoint was saved at step {step}, inside (or after) the cooldown it was trained "
+                f"with (from step {saved[0]}); this run goes back to the peak LR before its own cooldown. For a "
+                f"cooldown branch, resume from a stable-phase checkpoint (step <= {saved[0]}).",
+                category=RuntimeWarning,
+            )
+
+    def _check_resumed_step(self, total: int, start: int, length: int, step: int, same: bool) -> None:
+        if start >= step or same:
+            return
+        need = total
+        while need < 10 * max(total, step) + 10:
+            need += 1
+            try:
+                first, _ = resolve_cooldown(
+                    need, cooldown_fraction=self.cooldown_fraction, cooldown_steps=self.cooldown_steps
+                )
+            except ValueError:
+                continue
+            if first >= step:
+                break
+        fixes = [f"resume from a checkpoint at step <= {start}"]
+        if self.cooldown_start is None:
+            fixes.insert(0, f"`trainer.max_steps` >= {need}")
+        raise MisconfigurationException(
+            f"Cooldown: this run's cooldown would start at step {start} ({self._describe(total, length)}), before "
+            f"the resumed step {step}. Fix it with any of: " + "; ".join(fixes) + "."
+        )
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
@@ -215,12 +271,9 @@ class Cooldown(Callback):
             return
         assert self.start is not None and self.length is not None
         step = trainer.global_step
-        same = self._loaded == (self.start, self.length)
-        if self.start < step and not same:
-            raise MisconfigurationException(
-                f"Cooldown start {self.start} (max_steps={trainer.max_steps}, length {self.length}) is before the "
-                f"resumed step {step}: resume from an earlier checkpoint or lower `cooldown_fraction`/`cooldown_steps`."
-            )
+        self._check_resumed_step(
+            trainer.max_steps, self.start, self.length, step, same=self._loaded == (self.start, self.length)
+        )
         for config in trainer.lr_scheduler_configs:
             sched = config.scheduler
             assert isinstance(sched, WSDScheduler)

@@ -244,34 +244,34 @@ class WindowedSWA(Callback):
         log_suffix: str = "_swa",
     ) -> None:
         if window_steps < 1:
-            raise MisconfigurationException(f"`window_steps` must be >= 1, got {window_steps}.")
+            raise MisconfigurationException(f"WindowedSWA: `window_steps` must be >= 1, got {window_steps}.")
         if every_n_steps < 1:
-            raise MisconfigurationException(f"`every_n_steps` must be >= 1, got {every_n_steps}.")
+            raise MisconfigurationException(f"WindowedSWA: `every_n_steps` must be >= 1, got {every_n_steps}.")
         if window_steps % every_n_steps != 0:
             raise MisconfigurationException(
-                f"`every_n_steps` ({every_n_steps}) must divide `window_steps` ({window_steps})."
+                f"WindowedSWA: `every_n_steps` ({every_n_steps}) must divide `window_steps` ({window_steps})."
             )
         if start_step < 0:
-            raise MisconfigurationException(f"`start_step` must be >= 0, got {start_step}.")
+            raise MisconfigurationException(f"WindowedSWA: `start_step` must be >= 0, got {start_step}.")
         horizons = list(horizons)
         if not horizons or any(not isinstance(j, int) or isinstance(j, bool) or j < 1 for j in horizons):
             raise MisconfigurationException(
-                f"`horizons` must be a non-empty list of integers >= 1 (e.g. [1, 2]), got {horizons}."
+                f"WindowedSWA: `horizons` must be a non-empty list of integers >= 1 (e.g. [1, 2]), got {horizons}."
             )
         if keep_windows is None:
             keep_windows = max(horizons)
         if keep_windows < 1:
             raise MisconfigurationException(
-                f"`keep_windows` must be >= 1 (or None for max(horizons)), got {keep_windows}."
+                f"WindowedSWA: `keep_windows` must be >= 1 (or None for max(horizons)), got {keep_windows}."
             )
         if any(j > keep_windows for j in horizons):
             raise MisconfigurationException(
-                f"`horizons` must be a non-empty list of integers in [1, keep_windows={keep_windows}], got {horizons}."
+                f"WindowedSWA: `horizons` must be integers in [1, keep_windows={keep_windows}], got {horizons}."
             )
         if dtype not in _DTYPES:
-            raise MisconfigurationException(f"`dtype` must be one of {list(_DTYPES)}, got {dtype!r}.")
+            raise MisconfigurationException(f"WindowedSWA: `dtype` must be one of {list(_DTYPES)}, got {dtype!r}.")
         if not log_suffix:
-            raise MisconfigurationException("`log_suffix` must be a non-empty string.")
+            raise MisconfigurationException("WindowedSWA: `log_suffix` must be a non-empty string.")
         self.window_steps = window_steps
         self.every_n_steps = every_n_steps
         self.start_step = start_step

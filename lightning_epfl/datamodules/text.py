@@ -236,18 +236,19 @@ class TextDataModule(LightningDataModule):
             raise MisconfigurationException("Give either `paths` or `dataset_path`, not both.")
         for p in paths or []:
             if not os.path.exists(p):
-                raise MisconfigurationException(f"`paths` entry {p!r} does not exist.")
+                raise MisconfigurationException(f"TextDataModule: `paths` entry {p!r} does not exist.")
         if dataset_path is not None and not os.path.exists(dataset_path):
-            raise MisconfigurationException(f"`dataset_path` {dataset_path!r} does not exist.")
+            raise MisconfigurationException(f"TextDataModule: `dataset_path` {dataset_path!r} does not exist.")
         if block_size < 2:
-            raise MisconfigurationException(f"`block_size` must be >= 2, got {block_size}.")
+            raise MisconfigurationException(f"TextDataModule: `block_size` must be >= 2, got {block_size}.")
         if batch_size < 1:
-            raise MisconfigurationException(f"`batch_size` must be >= 1, got {batch_size}.")
+            raise MisconfigurationException(f"TextDataModule: `batch_size` must be >= 1, got {batch_size}.")
         if not 0.0 < val_fraction < 1.0:
-            raise MisconfigurationException(f"`val_fraction` must be in (0, 1), got {val_fraction}.")
+            raise MisconfigurationException(f"TextDataModule: `val_fraction` must be in (0, 1), got {val_fraction}.")
         if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
             raise MisconfigurationException(
-                f"`test_fraction` must be in [0, 1) with `val_fraction + test_fraction < 1`, got {test_fraction}."
+                f"TextDataModule: `test_fraction` must be in [0, 1) with `val_fraction + test_fraction < 1`, got "
+                f"{test_fraction}."
             )
         if tokenizer_path is not None:
             from lightning_epfl.models import check_pretrained
