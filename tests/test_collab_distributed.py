@@ -27,23 +27,25 @@ STEPS = 5
 TOL = 1e-10  # float64; only the order of floating-point sums differs between layouts
 
 
-def _strategy(baseline: str) -> CollaborativeStrategy:
+def _strategy(baseline: str, **kw) -> CollaborativeStrategy:
     # pair batches of 4 random examples exercise the per-client extra-batch streams in both layouts
     algorithm = {
         "local": Local,
         "fedavg": FedAvg,
         "cobo": lambda: CoBo(rho=0.3, gamma=0.5, w_init=0.5, pair_batch_size=4, pair_warmup_steps=2),
     }[baseline]()
-    return CollaborativeStrategy(algorithm=algorithm, seed=3)
+    return CollaborativeStrategy(algorithm=algorithm, seed=3, **kw)
 
 
-def _fit(root, baseline: str, devices: int, steps: int = STEPS, ckpt_path=None, limit_val_batches=0) -> L.Trainer:
+def _fit(
+    root, baseline: str, devices: int, steps: int = STEPS, ckpt_path=None, limit_val_batches=0, **strategy_kw
+) -> L.Trainer:
     torch.manual_seed(0)
     model = MLPClassifier(5, [6], 3, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     trainer = L.Trainer(
         default_root_dir=root,
         max_steps=steps,
-        strategy=_strategy(baseline),
+        strategy=_strategy(baseline, **strategy_kw),
         accelerator="cpu",
         devices=devices,
         precision="64-true",
@@ -78,6 +80,19 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         warnings.simplefilter("always")
         trainer = _fit(out, "cobo", devices=world, limit_val_batches=1)
     results["sync_dist_warnings"] = [str(w.message) for w in caught if "sync_dist" in str(w.message)]
+    # neighbour-only exchange on a ring over the two processes, pairwise keys, independent client init
+    trainer = _fit(out, "local", devices=world, steps=1, topology="ring", client_init="independent")
+    st = trainer.strategy
+    rows = st.ctx.exchange_with_neighbours(st.stack.X.detach())
+    received = [{j: r for j, r in got.items()} for got in rows]
+    keys = st.ctx.pairwise_keys(b"test")
+    import hashlib
+
+    digests = {e: hashlib.sha256(k.key).hexdigest() for e, k in keys.items()}
+    everything = [None] * world
+    dist.all_gather_object(everything, {"received": received, "digests": digests, "ids": st.local_client_ids})
+    results["exchange"] = everything
+    results["X_independent"] = st.comm.all_gather(st.stack.X.detach())
     try:
         TorchDistributedCommunicator(3)
     except ValueError as err:
@@ -125,3 +140,22 @@ def test_two_process_checkpoint_resumes_in_one_process(tmp_path, two_process_res
     torch.testing.assert_close(resumed.strategy.stack.X, straight.strategy.stack.X, atol=TOL, rtol=0)
     W_resumed, W_straight = resumed.strategy.collaboration_matrix(), straight.strategy.collaboration_matrix()
     torch.testing.assert_close(W_resumed, W_straight, atol=TOL, rtol=0)
+
+
+def test_two_process_exchange_keys_and_independent_init(tmp_path, two_process_results):
+    """Ring neighbour exchange over 2 processes returns the neighbours' rows; both ends of an edge that crosses
+    processes derive the same key; independent client init equals the simulated layout's."""
+    _, results = two_process_results
+    trainer = _fit(tmp_path, "local", devices=1, steps=1, topology="ring", client_init="independent")
+    X = trainer.strategy.stack.X.detach()
+    torch.testing.assert_close(results["X_independent"], X, atol=TOL, rtol=0)
+    ring = {0: (1, 3), 1: (0, 2), 2: (1, 3), 3: (0, 2)}
+    for part in results["exchange"]:
+        for k, cid in enumerate(part["ids"]):
+            assert sorted(part["received"][k]) == list(ring[cid])
+            for j, row in part["received"][k].items():
+                torch.testing.assert_close(row, results["X_independent"][j], atol=0, rtol=0)
+    d0, d1 = results["exchange"][0]["digests"], results["exchange"][1]["digests"]
+    crossing = [e for e in d0 if e in d1]
+    assert sorted(crossing) == [(0, 3), (1, 2)]  # clients 0,1 on rank 0 and 2,3 on rank 1
+    assert all(d0[e] == d1[e] for e in crossing) and len(set(d0.values())) == len(d0)

@@ -106,7 +106,7 @@ def _fit(tmp_path, max_steps, callbacks, logger=False, strategy=None, ckpt_path=
 
 
 def test_collaboration_matrix_logs_files_metrics_and_images(tmp_path):
-    """Every 2 steps (and at the end) the matrix is saved, plotted, scored against true clusters and sent to loggers."""
+    """Every 2 steps (and at the end) the matrix is saved, plotted and scored against true clusters (history only)."""
     out = tmp_path / "cm"
     cb = CollaborationMatrixLogger(every_n_steps=2, save_dir=str(out))
     logger = _RecordingLogger()
@@ -124,9 +124,8 @@ def test_collaboration_matrix_logs_files_metrics_and_images(tmp_path):
     assert history["ari_components"].tolist() == pytest.approx([0.0, 1.0, 1.0])
     assert history["w_within"].tolist() == pytest.approx([1.0, 1.0, 1.0])
     assert history["w_between"].tolist() == pytest.approx([1 - s / 6 for s in steps])
-    logged = {step: m for step, m in logger.metrics if "collab/ari_components" in m}
-    assert sorted(logged) == steps
-    assert logged[4]["collab/ari_spectral"] == pytest.approx(1.0)
+    assert history["ari_spectral"][1] == pytest.approx(1.0)
+    assert not [m for _, m in logger.metrics if any(k.startswith("collab/") for k in m)]  # the strategy owns them
     assert [(t, step, f) for t, _, step, f in logger.images] == [("collab/matrix", s, "HWC") for s in steps]
     assert all(shape[2] == 3 for _, shape, _, _ in logger.images)
     assert cb.last_logged_step == 5 and cb.last_metrics["ari_components"] == pytest.approx(1.0)

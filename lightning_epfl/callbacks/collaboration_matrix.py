@@ -3,9 +3,10 @@
 
 Periodically records the ``[n, n]`` collaboration matrix of a collaborative strategy (CoBo's learned ``W``,
 arXiv:2409.05539 Fig. 2; IFCA's co-assignment; a fixed gossip ``W``), draws it as a heatmap with the clients
-ordered by their true cluster, and, when the datamodule knows the true clusters, logs how well ``W`` recovers
-them (``collab/w_within``, ``collab/w_between``, ``collab/pair_accuracy``, ``collab/ari_components``,
-``collab/ari_spectral``; :func:`lightning_epfl.functional.collab_metrics.recovery_metrics`).
+ordered by their true cluster, and, when the datamodule knows the true clusters, records how well ``W`` recovers
+them in its history (``w_within``, ``w_between``, ``pair_accuracy``, ``ari_components``, ``ari_spectral``), for
+plots over time. The scalar metrics ``collab/*`` are logged by the strategy at every evaluation
+(``CollaborativeStrategy.recovery_metrics``, the same numbers); this callback logs none, so each key has one owner.
 
 **Where the matrix comes from** (:meth:`CollaborationMatrixLogger.get_matrix`, overridable): the first of
 ``trainer.strategy.collaboration_matrix()``, ``trainer.strategy.algorithm.collaboration_matrix()`` or
@@ -15,7 +16,7 @@ them (``collab/w_within``, ``collab/w_between``, ``collab/pair_accuracy``, ``col
 temporary name and renamed): ``matrix_{step}.npy``, ``matrix_{step}.png`` (when ``plot`` and matplotlib is
 available) and ``history.npz`` (``steps [T]``, ``matrices [T, n, n]`` and one ``[T]`` array per recovery metric,
 NaN without true clusters). Images also go to TensorBoard (``experiment.add_image``) or any logger with
-``log_image`` (W&B). Recovery metrics go to every logger through ``log_metrics`` at the logging step.
+``log_image`` (W&B).
 """
 
 from __future__ import annotations
@@ -236,13 +237,11 @@ class CollaborationMatrixLogger(Callback):
         clusters = self.get_true_clusters(trainer)
         metrics: dict[str, float] = {}
         if clusters is not None and clusters.numel() == w.shape[0]:
-            metrics = recovery_metrics(w, clusters)
+            score = getattr(trainer.strategy, "recovery_metrics", None)  # the strategy's own numbers (its seed)
+            metrics = score(w) if callable(score) else recovery_metrics(w, clusters)
         self.last_metrics = metrics
         if not trainer.is_global_zero:
             return
-        if metrics:
-            for logger in trainer.loggers:
-                logger.log_metrics({f"collab/{k}": v for k, v in metrics.items()}, step=step)
         assert self._dir is not None
         os.makedirs(self._dir, exist_ok=True)
         buf = io.BytesIO()

@@ -170,16 +170,22 @@ class FederatedTextDataModule(LightningDataModule):
         """Clients served to this process (``strategy.local_client_ids`` under a collaborative strategy)."""
         return served_client_ids(self, self.n_clients)
 
-    def _client_batch(self, i: int, k: int) -> dict[str, Tensor]:
-        blocks = self._train[i]
-        n, b = len(blocks), self.batch_size
+    def client_batch_indices(self, client_id: int, k: int) -> list[int]:
+        """Indices of client ``client_id``'s training blocks in its batch ``k``: positions ``[kB, (k+1)B)`` of the
+        concatenation of its epoch permutations (a batch may straddle two epochs)."""
+        self.setup()
+        n, b = len(self._train[client_id]), self.batch_size
         start = k * b
         idx: list[int] = []
-        while len(idx) < b:  # walk the client's own epoch permutations (a batch may straddle two epochs)
+        while len(idx) < b:
             epoch, offset = divmod(start + len(idx), n)
-            perm = epoch_permutation(n, self.seed + i, epoch)
+            perm = epoch_permutation(n, self.seed + client_id, epoch)
             idx += perm[offset : offset + b - len(idx)].tolist()
-        return {"input_ids": torch.stack([blocks[j]["input_ids"] for j in idx])}
+        return idx
+
+    def _client_batch(self, i: int, k: int) -> dict[str, Tensor]:
+        blocks = self._train[i]
+        return {"input_ids": torch.stack([blocks[j]["input_ids"] for j in self.client_batch_indices(i, k)])}
 
     def train_batch(self, k: int, client_ids: Sequence[int] | None = None) -> dict[str, Tensor]:
         """Training batch ``k`` stacked over ``client_ids`` (default all): ``{"input_ids": [n, B, block_size]}``."""
