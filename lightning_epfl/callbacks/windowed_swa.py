@@ -234,7 +234,7 @@ class WindowedSWA(Callback):
         every_n_steps: int = 5,
         start_step: int = 0,
         keep_windows: int | None = None,
-        horizons: list[int] = [1],  # noqa: B006 - the spec'd signature; copied below, never mutated
+        horizons: list[int] = [1],  # noqa: B006 - a YAML-friendly default; copied below, never mutated
         evaluate: bool = True,
         use_buffers: bool = True,
         dtype: Literal["float32", "float64"] = "float32",

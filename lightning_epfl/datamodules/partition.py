@@ -1,7 +1,7 @@
 """Federated partitioners
 ========================
 
-Pure functions that split a labelled data set over ``n_clients`` clients (``collaborative_core.md`` section 5).
+Pure functions that split a labelled data set over ``n_clients`` clients.
 Every partitioner returns a :class:`Partition` and is deterministic given its ``generator`` (a
 ``torch.Generator`` or an integer seed; the integer form is what :class:`FederatedDataModule` passes).
 

@@ -45,7 +45,9 @@ def pair_probability(
     warmup_steps: int = 800,
     decay: float = 1.0,
 ) -> float:
-    """Probability ``p_t`` that a pair ``i < j`` is drawn at step ``t`` (cobo.md §1, after ``epfml/CoBo``).
+    """Probability ``p_t`` that a pair ``i < j`` is drawn at step ``t`` (arXiv:2409.05539, Sec. 4).
+
+    The schedule follows the authors' code.
 
     ``"all"``: 1. ``"constant"``: ``min(1, r/n)``. ``"mixed"``: ``min(1, r/n)`` for ``t < warmup_steps``, then
     ``min(1, r/n, c/sqrt(t+1))``.

@@ -2,7 +2,7 @@
 ================================
 
 Pure functions (no Lightning) over stacked client parameters ``X`` ([n, d]) and collaboration matrices ``W``
-([n, n]) used by the collaborative core's ``collab/*`` logging (``collaborative_core.md`` section 7):
+([n, n]) used by the collaborative core's ``collab/*`` logging:
 
 * :func:`consensus_distance` -- ``(1/n) sum_i ||x_i - xbar||^2`` (Koloskova et al. 2020, "A unified theory of
   decentralized SGD", the quantity bounded in their Lemma 8), optionally within given groups;

@@ -11,7 +11,7 @@ symmetric and doubly stochastic, and the graph it induces must be connected so t
 (Boyd et al., "Randomized gossip algorithms", IEEE TIT 2006; Xiao & Boyd, "Fast linear iterations for distributed
 averaging", 2004).
 
-Notes on the spec (``collaborative_core.md`` section 4):
+API notes:
 
 * ``Topology.torus(rows, cols=None)``: with ``cols=None`` the first argument is the *number of nodes*, which must be
   a perfect square (``torus(16)`` is the 4x4 torus); with ``cols`` given it is a ``rows x cols`` torus.

@@ -41,7 +41,9 @@ class DeepMLPClassifier(LightningModule):
     Args:
         in_features: Input dimension (64 for the 8×8 digits).
         num_classes: Number of classes.
-        depth: Number of ``nn.Linear`` layers (hidden layers + output layer). At least 2.
+        depth: Number of ``nn.Linear`` layers (hidden layers + output layer), the paper's ``L``. At least 2. This
+            family has one width, so ``depth``/``width`` replace the ``hidden_sizes`` list of ``MLPClassifier``
+            (``hidden_sizes = [width] * (depth - 1)``): depth is the quantity the grokking experiments vary.
         width: Hidden width. Positive.
         activation: ``"relu"`` (paper), ``"gelu"`` or ``"tanh"``.
         init_scale: Multiplier ``α > 0`` applied to every parameter after default init (paper: 8; digits: 4).

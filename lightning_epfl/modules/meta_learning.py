@@ -36,11 +36,12 @@ __all__ = ["MLP", "MetaLearningModule"]
 
 
 class MLP(nn.Sequential):
-    """Fully connected network ``in -> hidden[0] -> ... -> out`` with one activation between layers.
+    """Fully connected network ``in -> hidden_sizes[0] -> ... -> out`` with one activation between layers.
 
     Args:
         in_features: Input width.
-        hidden: Hidden widths, e.g. ``[40, 40]`` (the sinusoid network of arXiv:1703.03400).
+        hidden_sizes: Hidden widths, e.g. ``[40, 40]`` (the sinusoid network of arXiv:1703.03400); the same argument
+            as ``MLPClassifier(hidden_sizes=...)``.
         out_features: Output width.
         activation: ``"tanh"`` (smooth: finite differences stay accurate) or ``"relu"``.
 
@@ -51,13 +52,13 @@ class MLP(nn.Sequential):
     def __init__(
         self,
         in_features: int,
-        hidden: list[int],
+        hidden_sizes: list[int],
         out_features: int,
         activation: Literal["tanh", "relu"] = "tanh",
     ) -> None:
-        widths = [in_features, *hidden, out_features]
+        widths = [in_features, *hidden_sizes, out_features]
         if min(widths) < 1:
-            raise ValueError(f"`in_features`, `hidden` and `out_features` must be >= 1, got {widths}.")
+            raise ValueError(f"`in_features`, `hidden_sizes` and `out_features` must be >= 1, got {widths}.")
         acts = {"tanh": nn.Tanh, "relu": nn.ReLU}
         if activation not in acts:
             raise ValueError(f"`activation` must be one of {sorted(acts)}, got {activation!r}.")
