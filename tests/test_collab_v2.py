@@ -127,14 +127,18 @@ class _TextClients(L.LightningDataModule):
 
     def __init__(self, n_clients: int = 3, vocab: int = 64) -> None:
         super().__init__()
-        self.n_clients, self.vocab = n_clients, vocab
+        from lightning_epfl.datamodules import StreamPosition
+
+        self.n_clients, self.vocab, self.position = n_clients, vocab, StreamPosition()
 
     def _batch(self, k: int):
         g = torch.Generator().manual_seed(k)
         return {"input_ids": torch.randint(0, self.vocab, (self.n_clients, 2, 12), generator=g)}
 
     def train_dataloader(self):
-        return torch.utils.data.DataLoader([self._batch(k) for k in range(4)], batch_size=None)
+        from lightning_epfl.datamodules import ResumableLoader
+
+        return ResumableLoader(self._batch, 4, self.position)
 
     def val_dataloader(self):
         return torch.utils.data.DataLoader([self._batch(100)], batch_size=None)
@@ -297,3 +301,24 @@ def test_local_default_and_wrong_algorithm_type():
     assert isinstance(CollaborativeStrategy().algorithm, Local)
     with pytest.raises(MisconfigurationException, match="`algorithm` must be a CollaborativeAlgorithm"):
         CollaborativeStrategy(algorithm=object())
+
+
+def test_save_frozen_false_keeps_only_client_tensors_and_resumes(tmp_path):
+    """save_frozen=False: the checkpoint holds the stacked adapters but not the shared base; resuming (the base
+    rebuilt by the module) continues exactly."""
+
+    def fit(steps, ckpt=None, root="a"):
+        module = _lora_module()
+        strategy = CollaborativeStrategy(n_clients=3, save_frozen=False)
+        tr = _trainer(tmp_path / root, strategy, steps, "32-true")
+        tr.fit(module, _TextClients(), ckpt_path=ckpt)
+        return tr
+
+    first = fit(2)
+    path = tmp_path / "adapters.ckpt"
+    first.save_checkpoint(path)
+    keys = set(torch.load(path, weights_only=True)["state_dict"])
+    assert keys and all("lora_" in k for k in keys)
+    resumed = fit(4, str(path), "b")
+    straight = fit(4, root="c")
+    torch.testing.assert_close(resumed.strategy.stack.X, straight.strategy.stack.X, atol=0, rtol=0)

@@ -557,7 +557,7 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = self.lightning_module.state_dict()
         if self.stack is not None and not self.save_frozen:
-            frozen = {n for n, p in self.lightning_module.named_parameters() if not p.requires_grad}
+            frozen = _frozen_keys(self.lightning_module)
             state = {k: v for k, v in state.items() if k not in frozen}
         if self.stack is None or self.world_size == 1:
             return state
@@ -573,8 +573,7 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
         state = {k: (self._local_slice(v) if k in names else v) for k, v in checkpoint["state_dict"].items()}
         module = self.lightning_module
         missing = set(module.state_dict()) - set(state)
-        frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
-        if strict and missing and missing <= frozen:  # a checkpoint saved with `save_frozen=False`
+        if strict and missing and missing <= _frozen_keys(module):  # a checkpoint saved with `save_frozen=False`
             strict = False
         with torch.no_grad():
             module.load_state_dict(state, strict=strict)
@@ -661,6 +660,13 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register("collaborative", cls, description="Collaborative learning over stacked clients")
+
+
+def _frozen_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of frozen parameters (tied copies such as ``lm_head.weight`` included)."""
+    return {
+        k for k, v in module.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter) and not v.requires_grad
+    }
 
 
 def _custom_topology(adjacency: Any, n_clients: int | None) -> Topology:
