@@ -17,6 +17,7 @@ from lightning_epfl.modules.client import MLPClassifier
 from lightning_epfl.strategies.collaborative import (
     CoBo,
     CollaborativeStrategy,
+    Decor,
     FedAvg,
     Local,
     TorchDistributedCommunicator,
@@ -33,6 +34,7 @@ def _strategy(baseline: str, **kw) -> CollaborativeStrategy:
         "local": Local,
         "fedavg": FedAvg,
         "cobo": lambda: CoBo(rho=0.3, gamma=0.5, w_init=0.5, pair_batch_size=4, pair_warmup_steps=2),
+        "decor": lambda: Decor(sigma=0.2, sigma_cor=1.5, clip_norm=0.5),
     }[baseline]()
     return CollaborativeStrategy(algorithm=algorithm, seed=3, **kw)
 
@@ -93,6 +95,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     dist.all_gather_object(everything, {"received": received, "digests": digests, "ids": st.local_client_ids})
     results["exchange"] = everything
     results["X_independent"] = st.comm.all_gather(st.stack.X.detach())
+    # Decor on a ring over the two processes: parameters, and the pairwise noise cancelling across processes
+    trainer = _fit(out, "decor", devices=world, topology="ring")
+    st = trainer.strategy
+    results["X_decor"] = st.comm.all_gather(st.stack.X.detach())
+    algo = st.algorithm
+    algo.sigma = 0.0  # pairwise part only
+    st.ctx.step = 3
+    results["decor_pair_noise"] = st.comm.all_gather(algo.noise_for(st.ctx))
     try:
         TorchDistributedCommunicator(3)
     except ValueError as err:
@@ -159,3 +169,13 @@ def test_two_process_exchange_keys_and_independent_init(tmp_path, two_process_re
     crossing = [e for e in d0 if e in d1]
     assert sorted(crossing) == [(0, 3), (1, 2)]  # clients 0,1 on rank 0 and 2,3 on rank 1
     assert all(d0[e] == d1[e] for e in crossing) and len(set(d0.values())) == len(d0)
+
+
+def test_two_process_decor_equals_simulated_and_noise_cancels(tmp_path, two_process_results):
+    """Decor (ring, secure_mode=False) gives the same parameters with 1 and 2 processes (1e-10); the pairwise noise
+    drawn by the two processes sums to zero over all clients."""
+    _, results = two_process_results
+    trainer = _fit(tmp_path, "decor", devices=1, topology="ring")
+    torch.testing.assert_close(trainer.strategy.stack.X, results["X_decor"], atol=TOL, rtol=0)
+    z = results["decor_pair_noise"]
+    assert float(z.abs().max()) > 0.5 and float(z.sum(0).abs().max()) <= 1e-10 * 1.5 * z.shape[1] ** 0.5

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import zlib
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -53,7 +54,7 @@ from lightning_epfl.datamodules.partition import (
     label_skew_clusters,
 )
 from lightning_epfl.datamodules.streams import ResumableLoader, StreamPosition
-from lightning_epfl.datamodules.tabular import TABULAR_DATASETS, load_sklearn_arrays
+from lightning_epfl.datamodules.tabular import TABULAR_DATASETS, load_sklearn_arrays, load_svmlight_arrays
 from lightning_epfl.seeding import counter_hash, loader_generator, uniform_from_bits
 
 __all__ = ["FederatedDataModule"]
@@ -73,7 +74,9 @@ class FederatedDataModule(LightningDataModule):
 
     Args:
         dataset: Bundled scikit-learn data set: ``"digits"`` (1797 x 64, 10 classes, pixels / 16), ``"wine"``,
-            ``"breast_cancer"``. Ignored by subclasses that override :meth:`load_arrays`.
+            ``"breast_cancer"``; or the path of a local svmlight/LIBSVM file (labels mapped to ``0..K-1``, e.g.
+            LIBSVM's a9a). Ignored by subclasses that override :meth:`load_arrays`.
+        n_features: Feature count of an svmlight file (default: its largest index; a9a: 123).
         n_clients: Number of clients.
         partition: ``"iid"``, ``"dirichlet"`` (Dir(``alpha``) label skew), ``"label_skew_clusters"`` (disjoint class
             subsets per cluster), ``"label_permutation_clusters"`` (per-cluster label permutation ``pi_k``) or
@@ -111,7 +114,8 @@ class FederatedDataModule(LightningDataModule):
 
     def __init__(
         self,
-        dataset: Literal["digits", "breast_cancer", "wine"] = "digits",
+        dataset: str = "digits",
+        n_features: int | None = None,
         n_clients: int = 16,
         partition: Literal[
             "iid", "dirichlet", "label_skew_clusters", "label_permutation_clusters", "group_mixture"
@@ -132,8 +136,10 @@ class FederatedDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if dataset not in _DATASETS:
-            raise MisconfigurationException(f"`dataset` must be one of {_DATASETS}, got {dataset!r}.")
+        if dataset not in _DATASETS and not os.path.isfile(dataset):
+            raise MisconfigurationException(
+                f"`dataset` must be one of {_DATASETS} or an existing svmlight/LIBSVM file, got {dataset!r}."
+            )
         if n_clients < 1:
             raise MisconfigurationException(f"`n_clients` must be >= 1, got {n_clients}.")
         if partition not in _PARTITIONS:
@@ -170,6 +176,7 @@ class FederatedDataModule(LightningDataModule):
             raise MisconfigurationException(f"`steps_per_epoch` must be >= 1 or None, got {steps_per_epoch}.")
         self.save_hyperparameters()
         self.dataset = dataset
+        self.n_features = n_features
         self.n_clients = n_clients
         self.partition_name = partition
         self.n_clusters = n_clusters
@@ -193,7 +200,13 @@ class FederatedDataModule(LightningDataModule):
     # ------------------------------------------------------------------ data
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Return ``(x [N, ...] float, y [N] int class ids, groups [N] int | None)``; override for custom data."""
-        x, y = load_sklearn_arrays(self.dataset)
+        if self.dataset in _DATASETS:
+            x, y = load_sklearn_arrays(self.dataset)
+        else:
+            try:
+                x, y = load_svmlight_arrays(self.dataset, self.n_features)
+            except (ValueError, OSError) as err:
+                raise MisconfigurationException(f"`dataset`: {err}") from err
         return x, y, None
 
     def _split(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,14 +1,14 @@
-"""Bundled tabular data
-=====================
+"""Tabular data
+============
 
-scikit-learn's bundled data sets as arrays (no download).
+scikit-learn's bundled data sets (no download), and any local svmlight/LIBSVM file, as dense arrays.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["TABULAR_DATASETS", "load_sklearn_arrays"]
+__all__ = ["TABULAR_DATASETS", "load_sklearn_arrays", "load_svmlight_arrays"]
 
 TABULAR_DATASETS = ("digits", "breast_cancer", "wine")
 
@@ -32,3 +32,58 @@ def load_sklearn_arrays(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     if dataset == "digits":
         x = x / 16.0
     return x, data.target.astype(np.int64)
+
+
+def load_svmlight_arrays(path: str, n_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Load a local svmlight/LIBSVM file (``label index:value ...`` per line) as dense arrays.
+
+    Labels are mapped to ``0..K-1`` in sorted order (``-1/+1`` becomes ``0/1``). Reads with
+    ``sklearn.datasets.load_svmlight_file``.
+
+    Args:
+        path: The file.
+        n_features: Number of features (default: the largest index in the file); give it to align a train and a
+            test file (a9a: 123).
+
+    Returns:
+        ``x`` float32 ``[N, n_features]`` and ``y`` int64 ``[N]``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If a line does not parse (the message names the line number and shows the line).
+    """
+    import os
+
+    from sklearn.datasets import load_svmlight_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"svmlight file {path!r} does not exist.")
+    try:
+        x, y = load_svmlight_file(path, n_features=n_features)
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"svmlight file {path!r}: {_first_bad_line(path) or err}") from err
+    labels, y_idx = np.unique(y, return_inverse=True)
+    if labels.size < 2:
+        raise ValueError(f"svmlight file {path!r} has a single label {labels.tolist()}.")
+    return np.asarray(x.todense(), dtype=np.float32), y_idx.astype(np.int64)
+
+
+def _first_bad_line(path: str) -> str | None:
+    """``"line N does not parse ...: <line>"`` for the first malformed line, or ``None``."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            body = line.split("#", 1)[0].split()
+            if not body:
+                continue
+            try:
+                float(body[0])
+                for token in body[1:]:
+                    if token.startswith("qid:"):
+                        continue
+                    index, value = token.split(":")
+                    if int(index) < 0:
+                        raise ValueError
+                    float(value)
+            except ValueError:
+                return f"line {number} does not parse as `label index:value ...`: {line.strip()[:80]!r}"
+    return None

@@ -3,6 +3,7 @@
 from lightning_epfl.modules.causal_lm import CausalLMModule
 from lightning_epfl.modules.client import (
     ClientModule,
+    LogisticRegression,
     MLPClassifier,
 )
 from lightning_epfl.modules.deep_mlp import DeepMLPClassifier
@@ -16,6 +17,7 @@ __all__ = [
     "CausalLMModule",
     "ClientModule",
     "DeepMLPClassifier",
+    "LogisticRegression",
     "MetaLearningModule",
     "MetaOptimizer",
     "MLP",

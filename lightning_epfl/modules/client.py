@@ -174,3 +174,54 @@ class MLPClassifier(ClientModule):
         hits = (logits.argmax(-1) == y).to(losses.dtype)
         mask = batch[2].to(losses.dtype) if len(batch) > 2 else torch.ones_like(losses)
         return {"loss_sum": (losses * mask).sum(), "correct": (hits * mask).sum(), "count": mask.sum()}
+
+
+class LogisticRegression(ClientModule):
+    """Binary logistic regression (one linear layer, binary cross-entropy) following the :class:`ClientModule` contract.
+
+    Inputs ``x`` of shape ``[B, num_features]``, labels ``y`` in ``{0, 1}`` of shape ``[B]``, optional ``mask``
+    ``[B]``. The loss is the (masked) mean binary cross-entropy in nats; accuracy thresholds the logit at 0. Weight
+    decay belongs to the optimizer (``SGD(weight_decay=...)``: decoupled from the data, so outside any clipping).
+
+    Args:
+        num_features: Input dimension (30 for breast cancer, 123 for a9a).
+        bias: Learn an intercept.
+        optimizer: Optimizer factory; pass ``lr`` in YAML.
+        lr_scheduler: Optional scheduler factory, stepped every optimizer step.
+
+    Raises:
+        MisconfigurationException: If ``num_features < 1``.
+    """
+
+    def __init__(
+        self,
+        num_features: int = 30,
+        bias: bool = True,
+        optimizer: OptimizerCallable = torch.optim.SGD,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
+        if num_features < 1:
+            raise MisconfigurationException(f"LogisticRegression: `num_features` must be >= 1, got {num_features}.")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.linear = nn.Linear(num_features, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[B]`` for inputs ``[B, num_features]``."""
+        return self.linear(x.flatten(1)).squeeze(-1)
+
+    def _losses(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        losses = F.binary_cross_entropy_with_logits(logits, y.to(logits.dtype), reduction="none")
+        mask = batch[2].to(losses.dtype) if len(batch) > 2 else torch.ones_like(losses)
+        return logits, losses, mask
+
+    def client_loss(self, batch: Any) -> Tensor:
+        _, losses, mask = self._losses(batch)
+        return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def client_metrics(self, batch: Any) -> dict[str, Tensor]:
+        logits, losses, mask = self._losses(batch)
+        hits = ((logits > 0).to(torch.long) == batch[1]).to(losses.dtype)
+        return {"loss_sum": (losses * mask).sum(), "correct": (hits * mask).sum(), "count": mask.sum()}

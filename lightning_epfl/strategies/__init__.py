@@ -1,4 +1,4 @@
-"""Training strategies: the collaborative core and the algorithms on it (CoBo and baselines)."""
+"""Training strategies: the collaborative core and the algorithms on it (CoBo, Decor and baselines)."""
 
 from lightning_epfl.strategies.collaborative import (
     IFCA,
@@ -7,6 +7,7 @@ from lightning_epfl.strategies.collaborative import (
     CollaborativeAlgorithm,
     CollaborativeStrategy,
     Communicator,
+    Decor,
     Ditto,
     FedAvg,
     FedAvgFineTune,
@@ -14,6 +15,7 @@ from lightning_epfl.strategies.collaborative import (
     LocalCommunicator,
     Oracle,
     PairwiseSecret,
+    SecLDPAccountant,
     StepContext,
     TorchDistributedCommunicator,
 )
@@ -24,6 +26,7 @@ __all__ = [
     "CollaborativeAlgorithm",
     "CollaborativeStrategy",
     "Communicator",
+    "Decor",
     "Ditto",
     "FedAvg",
     "FedAvgFineTune",
@@ -32,6 +35,7 @@ __all__ = [
     "LocalCommunicator",
     "Oracle",
     "PairwiseSecret",
+    "SecLDPAccountant",
     "StepContext",
     "TorchDistributedCommunicator",
 ]

@@ -1,4 +1,5 @@
-"""Collaborative core: one strategy, pluggable algorithms (CoBo and the baselines), stacked clients, communicators.
+"""Collaborative core: one strategy, pluggable algorithms (CoBo, Decor and the baselines), stacked clients,
+communicators, pairwise secrets and the SecLDP accountant.
 
 ``CollaborativeStrategy(algorithm=...)`` is the single entry point; the name ``"collaborative"`` is registered in
 Lightning's strategy registry on import.
@@ -6,6 +7,7 @@ Lightning's strategy registry on import.
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_epfl.strategies.collaborative.accountant import SecLDPAccountant
 from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext
 from lightning_epfl.strategies.collaborative.baselines import IFCA, Ditto, FedAvg, FedAvgFineTune, Local, Oracle
 from lightning_epfl.strategies.collaborative.cobo import CoBo
@@ -14,6 +16,7 @@ from lightning_epfl.strategies.collaborative.communicator import (
     LocalCommunicator,
     TorchDistributedCommunicator,
 )
+from lightning_epfl.strategies.collaborative.decor import Decor
 from lightning_epfl.strategies.collaborative.secrets import PairwiseSecret
 from lightning_epfl.strategies.collaborative.stack import ClientStack, stack_client_batches
 from lightning_epfl.strategies.collaborative.strategy import CollaborativeStrategy
@@ -27,6 +30,7 @@ __all__ = [
     "CollaborativeAlgorithm",
     "CollaborativeStrategy",
     "Communicator",
+    "Decor",
     "Ditto",
     "FedAvg",
     "FedAvgFineTune",
@@ -35,6 +39,7 @@ __all__ = [
     "LocalCommunicator",
     "Oracle",
     "PairwiseSecret",
+    "SecLDPAccountant",
     "StepContext",
     "TorchDistributedCommunicator",
     "stack_client_batches",

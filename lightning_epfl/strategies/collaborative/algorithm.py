@@ -39,6 +39,7 @@ class StepContext:
         G: Flat gradient ``[n_local, d]`` assembled from ``.grad`` after backward (``None`` before).
         topology: The communication graph (``None`` without one); restored from checkpoints.
         mixing_W: Its ``[n, n]`` float64 mixing matrix (``None`` without a topology).
+        stop_requested: Set by an algorithm to end training after the current step (e.g. a spent privacy budget).
         extra: Scratch space for algorithms (not checkpointed).
     """
 
@@ -52,6 +53,7 @@ class StepContext:
     G: Tensor | None = None
     topology: Topology | None = None
     mixing_W: Tensor | None = None
+    stop_requested: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -146,6 +148,10 @@ class CollaborativeAlgorithm:
 
     def setup(self, ctx: StepContext) -> None:
         """Called once, after stacking and optimizer setup."""
+
+    def check_trainer(self, trainer: Any, optimizers: list[Any]) -> None:
+        """Refuse trainer settings or optimizers the algorithm cannot work with (called in the strategy's ``setup``,
+        before :meth:`setup`); raise ``MisconfigurationException`` naming the setting."""
 
     def compute_gradients(self, ctx: StepContext, batch: Any) -> tuple[Tensor, Tensor]:
         """Return ``(G [n_local, d], losses [n_local])``; default: plain mean-loss gradients at ``ctx.X``."""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["PUBLIC_KEY_BYTES", "PairwiseSecret", "derive_pair_key", "generate_key_pairs"]
+__all__ = ["PUBLIC_KEY_BYTES", "PairwiseSecret", "chacha_gaussian", "derive_pair_key", "generate_key_pairs"]
 
 PUBLIC_KEY_BYTES = 32
 
@@ -44,6 +44,11 @@ class PairwiseSecret:
     def key(self) -> bytes:
         """The 32 key bytes (never log or store them)."""
         return self._key
+
+    def gaussian(self, step: int, size: int, stream: int = 0) -> Tensor:
+        """Standard normal ``[size]`` (float64) from the key's ChaCha20 keystream at ``(step, stream)``: the same at
+        both ends of the edge, fresh for every step (:func:`chacha_gaussian`)."""
+        return chacha_gaussian(self._key, step, stream, size)
 
     def __repr__(self) -> str:
         return f"PairwiseSecret(edge={self.edge}, key=<32 bytes hidden>)"
@@ -108,3 +113,30 @@ def normalize_edges(edges: Sequence[tuple[int, int]], n_clients: int) -> list[tu
             raise ValueError(f"edge ({a}, {b}) names a client outside [0, {n_clients}).")
         out.add((min(a, b), max(a, b)))
     return sorted(out)
+
+
+def chacha_gaussian(key: bytes, step: int, stream: int, size: int) -> Tensor:
+    """``size`` standard normal draws (float64) from the ChaCha20 keystream of ``key``.
+
+    The 16-byte nonce is a 4-byte block counter (0) followed by ``step`` (8 bytes) and ``stream`` (4 bytes), so a
+    ``(key, nonce)`` pair is never reused across steps or streams. The keystream is read as 64-bit words, turned into
+    53-bit uniforms in ``(0, 1)`` and into normals by the Box-Muller transform.
+
+    Args:
+        key: 32-byte key.
+        step: Step counter (``>= 0``).
+        stream: Stream id (``>= 0``), for several independent draws per step.
+        size: Number of draws.
+    """
+    import numpy as np
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    pairs = (size + 1) // 2
+    nonce = struct.pack("<I", 0) + struct.pack("<QI", int(step), int(stream))
+    encryptor = Cipher(algorithms.ChaCha20(bytes(key), nonce), mode=None).encryptor()
+    words = np.frombuffer(encryptor.update(bytes(16 * pairs)), dtype="<u8")
+    u = ((words >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / 2**53)
+    u1, u2 = u[:pairs], u[pairs:]
+    radius = np.sqrt(-2.0 * np.log(u1))
+    z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:size]
+    return torch.from_numpy(z)

@@ -324,6 +324,23 @@ class ClientStack:
         G, losses = self._map(grad_and_value(lossfn), rows.detach(), batch)
         return G, losses
 
+    def per_example_loss_and_grad(self, rows: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
+        """Per-example gradients ``[m, B, d]`` and losses ``[m, B]`` of ``client_loss``, by nested ``vmap``.
+
+        Each example is evaluated as a batch of one (``client_loss`` must work at batch size 1); a padded example
+        (``mask`` 0) yields a zero gradient through the module's masked mean.
+
+        Args:
+            rows: Flat parameters ``[m, d]`` (constants).
+            batch: Stacked batch with leading dimensions ``[m, B]``.
+        """
+
+        def one(x: Tensor, example: Any) -> Tensor:
+            return self._call("client_loss")(x, tree_map(lambda t: t.unsqueeze(0), example))
+
+        per_example = vmap(grad_and_value(one), in_dims=(None, 0))
+        return self._map(per_example, rows.detach(), batch)
+
     def losses(self, rows: Tensor, batch: Any) -> Tensor:
         """``client_loss`` per row (no gradient): ``[m]`` for rows ``[m, d]`` and a stacked batch."""
         with torch.no_grad():

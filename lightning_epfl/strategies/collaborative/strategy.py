@@ -356,6 +356,7 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
         )
         if self.optimizers:
             self.ctx.lr = float(self.optimizers[0].param_groups[0]["lr"])
+        self.algorithm.check_trainer(trainer, list(self.optimizers))
         if not self._algorithm_ready:
             self.algorithm.setup(self.ctx)
             self._algorithm_ready = True
@@ -430,8 +431,9 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
                 (G[:, sl.offset : sl.offset + sl.numel].reshape(p.shape) * p).sum()
                 for sl, p in zip(self.stack.layout, params)
             )
-            mean_loss = self.comm.all_reduce(losses.detach().sum()) / self.n_clients
-            self.lightning_module.log("train/loss", mean_loss, prog_bar=True)
+            if getattr(self.algorithm, "log_training_loss", True):  # off where the loss itself is private
+                mean_loss = self.comm.all_reduce(losses.detach().sum()) / self.n_clients
+                self.lightning_module.log("train/loss", mean_loss, prog_bar=True)
             return losses.mean().detach() + s - s.detach()
 
     @override
@@ -448,6 +450,8 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
         out = super().optimizer_step(optimizer, wrapped_closure, model, **kwargs)
         with torch.no_grad():
             self.algorithm.after_optimizer_step(ctx)
+        if ctx.stop_requested:
+            self.lightning_module.trainer.should_stop = True
         metrics = self.algorithm.step_metrics()
         if metrics:
             self.lightning_module.log_dict({k: float(v) for k, v in metrics.items()})
