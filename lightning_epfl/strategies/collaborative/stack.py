@@ -335,11 +335,20 @@ class ClientStack:
             batch: Stacked batch with leading dimensions ``[m, B]``.
         """
 
-        def one(x: Tensor, example: Any) -> Tensor:
-            return self._call("client_loss")(x, tree_map(lambda t: t.unsqueeze(0), example))
+        # Differentiate with respect to the per-tensor views, not the flat row: the gradient of a slice of the flat
+        # row would materialize a zero-padded [d] buffer per tensor and example.
+        def one(params: dict[str, Tensor], example: Any) -> Tensor:
+            named = {f"module.{k}": v for k, v in params.items()}
+            return functional_call(self._adapter, named, (tree_map(lambda t: t.unsqueeze(0), example), "client_loss"))
 
         per_example = vmap(grad_and_value(one), in_dims=(None, 0))
-        return self._map(per_example, rows.detach(), batch)
+
+        def client(x: Tensor, b: Any) -> tuple[Tensor, Tensor]:
+            grads, losses = per_example(self.unflatten(x), b)
+            flat = torch.cat([grads[s.name].reshape(grads[s.name].shape[0], -1) for s in self.layout], dim=1)
+            return flat, losses
+
+        return self._map(client, rows.detach(), batch)
 
     def losses(self, rows: Tensor, batch: Any) -> Tensor:
         """``client_loss`` per row (no gradient): ``[m]`` for rows ``[m, d]`` and a stacked batch."""
