@@ -125,6 +125,7 @@ def cli_main(args: ArgsType = None, run: bool = True) -> EPFLCLI:
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # parse errors raise, so `main` can print them as one line
         auto_configure_optimizers=True,
     )
 
@@ -132,9 +133,9 @@ def cli_main(args: ArgsType = None, run: bool = True) -> EPFLCLI:
 def error_message(err: BaseException) -> str:
     """The message a user should read for ``err``: the component's own message, not the parser's wrapper.
 
-    jsonargparse wraps a constructor's exception in "Does not validate against any of the Union subtypes ..." with
-    a dump of the configuration; the constructor's exception is in the ``__cause__`` chain. The first
-    ``MisconfigurationException`` in the chain wins; otherwise a wrapped parser error gives its root cause.
+    jsonargparse wraps a constructor's exception, or a wrong option, in nested "Parser key ...: Does not validate
+    against any of the Union subtypes ..." reports; the message of the innermost component is extracted, prefixed
+    with the configuration key and class it concerns. A ``MisconfigurationException`` in the cause chain wins.
     """
     chain: list[BaseException] = []
     current: BaseException | None = err
@@ -144,42 +145,70 @@ def error_message(err: BaseException) -> str:
     chosen = next((e for e in chain if isinstance(e, MisconfigurationException)), None)
     if chosen is not None:
         return " ".join(str(chosen).split())
-    if str(err).startswith(_PARSER_WRAPPERS):
-        own = _component_errors(str(err))
-        if own:
-            return " ".join(own[0].split())
-        chosen = chain[-1]
-    else:
-        chosen = err
-    return f"{type(chosen).__name__}: {' '.join(str(chosen).split())}"
+    for e in chain:
+        inner = _innermost_parser_error(str(e))
+        if inner:
+            return inner
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
-_PARSER_WRAPPERS = ("Does not validate against", "Problem with given class_path")
-_PARSER_TYPE_ERRORS = ("Expected a ", "Not a valid subclass", "Type <", "Given value", "Does not validate", "Import ")
+_PARSER_NOTES = (
+    "Does not validate against",
+    "Subtypes:",
+    "Errors:",
+    "Expected a ",
+    "Given value",
+    "Not a valid subclass",
+    "Subclass types expect",
+    "a class path",
+    "a dict with",
+    "Type <",
+)
 
 
-def _component_errors(text: str) -> list[str]:
-    """The errors listed under "Errors:" in a jsonargparse union message, minus its own type-mismatch notes.
+def _innermost_parser_error(text: str) -> str | None:
+    """The first message in a jsonargparse error tree that is not one of its own notes, with its key and class.
 
-    jsonargparse tries each type of a union and reports every failure; the component's constructor error is the one
-    that is not a parser note ("Expected a <class 'str'>", "Not a valid subclass ...").
+    When every leaf is a type note (a value of the wrong type), the deepest key's value and the expected types are
+    summarized instead.
     """
-    if "Errors:" not in text:
-        return []
-    block = text.split("Errors:", 1)[1].split("\nGiven value type:", 1)[0]
-    items: list[str] = []
-    for line in block.splitlines():
-        if line.startswith("  - "):
-            items.append(line[4:])
-        elif items and line.startswith("    "):
-            items[-1] += "\n" + line[4:]
-    found: list[str] = []
-    for item in items:
-        if item.startswith(_PARSER_WRAPPERS):
-            found += _component_errors(item)
-        elif item.startswith("Problem with given class_path") or not item.startswith(_PARSER_TYPE_ERRORS):
-            found.append(item.split(":\n", 1)[-1] if item.startswith("Problem with") else item)
-    return found
+    if not any(m in text for m in ("Parser key", "Problem with given class_path", "Does not validate against")):
+        return None
+    context: list[tuple[int, str]] = []
+    deepest: tuple[int, str, list[str], str] | None = None  # (depth, where, expected types, given value)
+    for raw in text.splitlines():
+        line = raw.strip()
+        indent = len(raw) - len(raw.lstrip())
+        if line.startswith("- "):
+            line, indent = line[2:], indent + 2
+        if not line:
+            continue
+        context = [(i, c) for i, c in context if i < indent]
+        if line.startswith('Parser key "'):
+            context.append((indent, line.split('"')[1]))
+            continue
+        if line.startswith("Problem with given class_path '"):
+            context.append((indent, f"({line.split(chr(39))[1]})"))
+            line = line.split("':", 1)[1].strip()
+            if not line:
+                continue
+        keys = [c for _, c in context if not c.startswith("(")]
+        classes = [c for _, c in context if c.startswith("(")]
+        where = ".".join(keys) + (f" {classes[-1]}" if classes else "")
+        if line.startswith(_PARSER_NOTES):
+            if deepest is None or len(context) >= deepest[0]:
+                if deepest is None or len(context) > deepest[0] or deepest[1] != where:
+                    deepest = (len(context), where, [], "")
+                if line.startswith("Expected a "):
+                    deepest[2].append(line[len("Expected a ") :])
+                elif line.startswith("Given value:") and not deepest[3]:
+                    deepest = (deepest[0], deepest[1], deepest[2], line.split(":", 1)[1].strip())
+            continue
+        return f"{where}: {line}" if where else line
+    if deepest is not None and deepest[2]:
+        got = f"got {deepest[3]}; " if deepest[3] else ""
+        return f"{deepest[1] or 'value'}: {got}expected " + " or ".join(deepest[2]) + "."
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

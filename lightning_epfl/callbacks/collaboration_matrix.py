@@ -155,7 +155,9 @@ class CollaborationMatrixLogger(Callback):
         save_dir: str | None = None,
     ) -> None:
         if every_n_steps < 1:
-            raise MisconfigurationException(f"`every_n_steps` must be >= 1, got {every_n_steps}.")
+            raise MisconfigurationException(
+                f"CollaborationMatrixLogger: `every_n_steps` must be >= 1, got {every_n_steps}."
+            )
         self.every_n_steps = every_n_steps
         self.plot = plot
         self.mask_diagonal = mask_diagonal
@@ -202,7 +204,7 @@ class CollaborationMatrixLogger(Callback):
         if not has and not hasattr(strategy, "W"):
             raise MisconfigurationException(
                 "CollaborationMatrixLogger needs a strategy exposing `collaboration_matrix()`, "
-                "`algorithm.collaboration_matrix()` or `W` (e.g. CoBoStrategy, CollaborativeStrategy); got "
+                "`algorithm.collaboration_matrix()` or `W` (e.g. CollaborativeStrategy); got "
                 f"{type(strategy).__name__}."
             )
         base = trainer.log_dir or trainer.default_root_dir

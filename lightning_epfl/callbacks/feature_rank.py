@@ -130,26 +130,36 @@ class FeatureRankMonitor(Callback):
         }
         for arg, (value, allowed) in choices.items():
             if value not in allowed:
-                raise MisconfigurationException(f"`{arg}` must be one of {list(allowed)}, got {value!r}.")
+                raise MisconfigurationException(
+                    f"FeatureRankMonitor: `{arg}` must be one of {list(allowed)}, got {value!r}."
+                )
         unknown = [m for m in metrics if m not in METRICS]
         if unknown or not metrics:
-            raise MisconfigurationException(f"`metrics` must be a non-empty list from {list(METRICS)}, got {metrics}.")
+            raise MisconfigurationException(
+                f"FeatureRankMonitor: `metrics` must be a non-empty list from {list(METRICS)}, got {metrics}."
+            )
         if num_samples < 2:
             raise MisconfigurationException(
-                f"`num_samples` must be >= 2 (covariance needs 2 samples), got {num_samples}."
+                f"FeatureRankMonitor: `num_samples` must be >= 2 (covariance needs 2 samples), got {num_samples}."
             )
         if batch_size < 1:
-            raise MisconfigurationException(f"`batch_size` must be >= 1, got {batch_size}.")
+            raise MisconfigurationException(f"FeatureRankMonitor: `batch_size` must be >= 1, got {batch_size}.")
         if every_n_steps < 1:
-            raise MisconfigurationException(f"`every_n_steps` must be >= 1, got {every_n_steps}.")
+            raise MisconfigurationException(f"FeatureRankMonitor: `every_n_steps` must be >= 1, got {every_n_steps}.")
         if rtol is not None and rtol < 0:
-            raise MisconfigurationException(f"`rtol` must be >= 0 or None, got {rtol}.")
+            raise MisconfigurationException(f"FeatureRankMonitor: `rtol` must be >= 0 or None, got {rtol}.")
         if max_features is not None and max_features < 1:
-            raise MisconfigurationException(f"`max_features` must be >= 1 or None, got {max_features}.")
+            raise MisconfigurationException(
+                f"FeatureRankMonitor: `max_features` must be >= 1 or None, got {max_features}."
+            )
         if layers is not None and not layers:
-            raise MisconfigurationException("`layers` must be None or a non-empty list of module names/patterns.")
+            raise MisconfigurationException(
+                "FeatureRankMonitor: `layers` must be None or a non-empty list of module names/patterns."
+            )
         if layers is None and not layer_types:
-            raise MisconfigurationException("`layer_types` must be non-empty when `layers` is None.")
+            raise MisconfigurationException(
+                "FeatureRankMonitor: `layer_types` must be non-empty when `layers` is None."
+            )
         self.probe = probe
         self.num_samples = num_samples
         self.batch_size = batch_size
@@ -210,7 +220,9 @@ class FeatureRankMonitor(Callback):
             MisconfigurationException: If ``inputs`` is not a tensor with at least 2 rows.
         """
         if not isinstance(inputs, Tensor) or inputs.ndim < 1 or inputs.shape[0] < 2:
-            raise MisconfigurationException("`set_probe` needs a tensor of shape (n, ...) with n >= 2.")
+            raise MisconfigurationException(
+                "FeatureRankMonitor: `set_probe` needs a tensor of shape (n, ...) with n >= 2."
+            )
         self._probe_inputs = inputs.detach().cpu()
         self._probe_indices = None
         self._user_probe = True
@@ -248,8 +260,8 @@ class FeatureRankMonitor(Callback):
                     hits = [pattern] if pattern in named else []
                 if not hits:
                     raise MisconfigurationException(
-                        f"`layers` entry {pattern!r} matches no module of {type(module).__name__}; valid names: "
-                        f"{valid}."
+                        f"FeatureRankMonitor: `layers` entry {pattern!r} matches no module of "
+                        f"{type(module).__name__}; valid names: {valid}."
                     )
                 selected += [h for h in hits if h not in selected]
             return selected
@@ -258,8 +270,9 @@ class FeatureRankMonitor(Callback):
         ]
         if not selected:
             raise MisconfigurationException(
-                f"`layer_types` {self.layer_types} matches no leaf module of {type(module).__name__}; leaf types "
-                f"present: {sorted({type(m).__name__ for m in named.values() if not any(True for _ in m.children())})}."
+                f"FeatureRankMonitor: `layer_types` {self.layer_types} matches no leaf module of "
+                f"{type(module).__name__}; leaf types present: "
+                f"{sorted({type(m).__name__ for m in named.values() if not any(True for _ in m.children())})}."
             )
         return selected
 
@@ -356,7 +369,7 @@ class FeatureRankMonitor(Callback):
             return
         if self.log_via == "self.log" and self.every_n_steps % trainer.log_every_n_steps != 0:
             raise MisconfigurationException(
-                f"`every_n_steps`={self.every_n_steps} must be a multiple of `log_every_n_steps`="
+                f"FeatureRankMonitor: `every_n_steps`={self.every_n_steps} must be a multiple of `log_every_n_steps`="
                 f"{trainer.log_every_n_steps} with `log_via='self.log'` (else values are dropped); use "
                 "`log_via='loggers'`."
             )
@@ -389,8 +402,8 @@ class FeatureRankMonitor(Callback):
             size = len(dataset)
             if self.num_samples > size:
                 raise MisconfigurationException(
-                    f"`num_samples`={self.num_samples} exceeds the {self.probe} dataset size {size}; use "
-                    f"`num_samples <= {size}`."
+                    f"FeatureRankMonitor: `num_samples`={self.num_samples} exceeds the {self.probe} dataset size "
+                    f"{size}; use `num_samples <= {size}`."
                 )
             items = [dataset[i] for i in range(self.num_samples)]
             self._probe_inputs = self.extract_inputs(default_collate(items)).detach().cpu()
@@ -405,7 +418,8 @@ class FeatureRankMonitor(Callback):
                 break
         if n < self.num_samples:
             raise MisconfigurationException(
-                f"`num_samples`={self.num_samples} exceeds the {n} samples of the {self.probe} dataloader."
+                f"FeatureRankMonitor: `num_samples`={self.num_samples} exceeds the {n} samples of the {self.probe} "
+                "dataloader."
             )
         self._probe_inputs = torch.cat(chunks)[: self.num_samples]
         self._probe_indices = list(range(self.num_samples))

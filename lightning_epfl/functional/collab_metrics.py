@@ -211,11 +211,24 @@ def recovery_metrics(W: Tensor, clusters: Tensor, threshold: float = 0.5, seed: 
 
     Returns:
         ``{"w_within", "w_between", "pair_accuracy", "ari_components", "ari_spectral"}`` (callers prefix them with
-        ``collab/``). Spectral clustering uses the true number of clusters.
+        ``collab/``). Spectral clustering uses the true number of clusters; a matrix with a constant off-diagonal has
+        no clusters to find, and both ARIs are those of its components (one cluster, or one per client).
     """
     c = _check_labels(clusters, torch.as_tensor(W).shape[0], "clusters")
     within, between = w_within_between(W, c)
     k = int(torch.unique(c).numel())
+    w = torch.as_tensor(W, dtype=torch.float64)
+    off = w[~torch.eye(w.shape[0], dtype=torch.bool)]
+    if off.numel() and float(off.max() - off.min()) <= 1e-12:  # no structure (FedAvg's all-ones, Local's identity)
+        one = torch.zeros_like(c) if float(off[0]) > threshold else torch.arange(c.numel())
+        ari = adjusted_rand_index(one, c)
+        return {
+            "w_within": within,
+            "w_between": between,
+            "pair_accuracy": pair_accuracy(W, c, threshold),
+            "ari_components": ari,
+            "ari_spectral": ari,
+        }
     return {
         "w_within": within,
         "w_between": between,

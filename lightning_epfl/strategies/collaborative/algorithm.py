@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from lightning_epfl.functional.topology import Topology
 from lightning_epfl.seeding import seeded_generator
@@ -73,7 +74,8 @@ class StepContext:
         return self.topology
 
     def exchange_with_neighbours(self, x: Tensor) -> list[dict[int, Tensor]]:
-        """Rows of ``x`` (``[n_local, ...]``) from each local client's neighbours only (point-to-point)."""
+        """Rows of ``x`` (``[n_local, ...]``) from each local client's neighbours only (point-to-point messages
+        between processes; indexing when all clients are simulated in one process)."""
         return self.comm.exchange(x, self.neighbours)
 
     def pairwise_keys(self, context: bytes) -> dict[tuple[int, int], Any]:
@@ -132,7 +134,7 @@ class StepContext:
         else:
             batches = [fn(i, size, stream) for i in client_ids]
         device = self.X.device
-        return tuple(t.to(device) for t in stack_client_batches(batches))
+        return tree_map(lambda t: t.to(device), stack_client_batches(batches))
 
 
 class CollaborativeAlgorithm:
@@ -143,11 +145,20 @@ class CollaborativeAlgorithm:
     checkpoint entry needs no collective.
     """
 
-    #: Whether :meth:`evaluation_rows` differs from ``ctx.X`` (informational).
     name: str = "local"
+    """Short name of the algorithm (logs and messages)."""
+    uses_topology: bool = False
+    """Whether the algorithm communicates along ``CollaborativeStrategy(topology=...)`` (the strategy warns when a
+    topology is given to an algorithm that ignores it)."""
 
     def setup(self, ctx: StepContext) -> None:
         """Called once, after stacking and optimizer setup."""
+
+    def check_config(
+        self, trainer: Any, pl_module: Any, datamodule: Any, n_clients: int, topology: Topology | None
+    ) -> None:
+        """Checks that need the trainer, module, data or graph, run before anything starts (the CLI) and in the
+        strategy's ``setup``; raise ``MisconfigurationException`` naming the setting."""
 
     def check_trainer(self, trainer: Any, optimizers: list[Any]) -> None:
         """Refuse trainer settings or optimizers the algorithm cannot work with (called in the strategy's ``setup``,

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from lightning_epfl.functional.topology import Topology
 from lightning_epfl.seeding import derive_seed
 from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext
 
@@ -100,7 +101,8 @@ class FedAvgFineTune(FedAvg):
         weighting: As :class:`FedAvg`.
 
     Raises:
-        MisconfigurationException: If ``finetune_steps < 0``, or (in ``setup``) ``max_steps`` is not set.
+        MisconfigurationException: If ``finetune_steps < 0``, or (before the run) ``max_steps`` is not set or not
+            larger than ``finetune_steps``.
     """
 
     name = "fedavg_ft"
@@ -113,13 +115,33 @@ class FedAvgFineTune(FedAvg):
             raise MisconfigurationException(f"`finetune_steps` must be >= 0, got {finetune_steps}.")
         self.finetune_steps = finetune_steps
 
+    def check_config(
+        self, trainer: Any, pl_module: Any, datamodule: Any, n_clients: int, topology: Topology | None
+    ) -> None:
+        total = getattr(trainer, "max_steps", -1)
+        if total is None or total < 0:
+            raise MisconfigurationException("FedAvgFineTune needs `trainer.max_steps` to know when fine-tuning starts.")
+        if self.finetune_steps >= total:
+            raise MisconfigurationException(
+                f"FedAvgFineTune: `finetune_steps`={self.finetune_steps} >= `trainer.max_steps`={total}: no averaging "
+                f"step would remain (that is Local); use `finetune_steps` < {total}."
+            )
+
     def setup(self, ctx: StepContext) -> None:
         super().setup(ctx)
         if ctx.max_steps is None or ctx.max_steps < 0:
             raise MisconfigurationException("FedAvgFineTune needs `trainer.max_steps` to know when fine-tuning starts.")
 
     def averaging_active(self, ctx: StepContext) -> bool:
-        return ctx.step < ctx.max_steps - self.finetune_steps and super().averaging_active(ctx)
+        self._fine_tuning = ctx.step >= ctx.max_steps - self.finetune_steps
+        return not self._fine_tuning and super().averaging_active(ctx)
+
+    def collaboration_matrix(self) -> Tensor | None:
+        """All ones while averaging; the identity once the clients fine-tune alone."""
+        W = super().collaboration_matrix()
+        if W is not None and getattr(self, "_fine_tuning", False):
+            return torch.eye(W.shape[0], dtype=torch.float64)
+        return W
 
 
 class Ditto(CollaborativeAlgorithm):
@@ -278,6 +300,15 @@ class Oracle(CollaborativeAlgorithm):
 
     def __init__(self) -> None:
         self.B: Tensor | None = None
+
+    def check_config(
+        self, trainer: Any, pl_module: Any, datamodule: Any, n_clients: int, topology: Topology | None
+    ) -> None:
+        if datamodule is not None and getattr(datamodule, "true_clusters", None) is None:
+            raise MisconfigurationException(
+                f"Oracle needs `datamodule.true_clusters` (a partition with known clusters); "
+                f"{type(datamodule).__name__} has none."
+            )
 
     def setup(self, ctx: StepContext) -> None:
         c = _true_clusters(ctx, "Oracle")

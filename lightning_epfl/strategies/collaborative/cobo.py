@@ -12,7 +12,7 @@ collaborative core. Each step (Algorithm 1):
    parameters on the snapshot (never entering momentum/Adam statistics):
    ``x_i <- x_i - eta_t rho sum_k w_ik (x_i^t - x_k^t)``.
 
-CoBo exchanges raw parameters and midpoint gradients: it offers **no privacy** (see the Decor strategy for DP), and a
+CoBo exchanges raw parameters and midpoint gradients: it offers **no privacy** (see the Decor algorithm for DP), and a
 client can inflate its inner products to attract weight (the box caps ``w`` at 1); ``cobo/inner_product_mean`` is
 logged for auditing.
 """
@@ -180,6 +180,23 @@ class CoBo(CollaborativeAlgorithm):
         return int(getattr(ctx.datamodule, "batch_size", None) or 16)
 
     # ------------------------------------------------------------------------------------------------ hooks
+    def check_config(self, trainer: Any, pl_module: Any, datamodule: Any, n_clients: int, topology: Any) -> None:
+        """Before the run: the stability of the consensus step at ``W^0`` and the module's learning rate (read from
+        its optimizer factory on a throw-away parameter; skipped when that is not possible)."""
+        factory = getattr(pl_module, "optimizer", None)
+        if not callable(factory) or self.W is not None:
+            return
+        try:
+            lr = float(factory([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]["lr"])
+        except Exception:  # noqa: BLE001 - a factory that needs the real parameters is checked in setup
+            return
+        self.W = self.initial_W(n_clients)
+        try:
+            if lr > 0:
+                self.check_stability(lr)
+        finally:
+            self.W = None
+
     def setup(self, ctx: StepContext) -> None:
         if self.W is None:
             self.W = self.initial_W(ctx.n_clients).to(ctx.X.device)

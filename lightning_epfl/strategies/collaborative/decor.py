@@ -92,6 +92,7 @@ class Decor(CollaborativeAlgorithm):
     """
 
     name = "decor"
+    uses_topology = True
 
     def __init__(
         self,
@@ -200,6 +201,22 @@ class Decor(CollaborativeAlgorithm):
                     "`allow_nonlinear_optimizer=True` to train anyway (privacy holds, utility drops to about LDP)."
                 )
 
+    def check_config(
+        self, trainer: Any, pl_module: Any, datamodule: Any, n_clients: int, topology: Topology | None
+    ) -> None:
+        """Before the run: a connected graph is needed (except for central DP)."""
+        if self.noise == "cdp":
+            return
+        if topology is None:
+            raise MisconfigurationException(
+                "Decor needs a communication graph: set `CollaborativeStrategy(topology=...)` (ring, torus, complete, "
+                "erdos_renyi or an adjacency matrix)."
+            )
+        if not topology.is_connected():
+            raise MisconfigurationException(
+                f"Decor needs a connected graph; the topology has components {topology.components()}."
+            )
+
     def _graph(self, ctx: StepContext) -> Topology:
         if self.noise == "cdp":
             return Topology.complete(ctx.n_clients)
@@ -285,12 +302,10 @@ class Decor(CollaborativeAlgorithm):
         if self.level == "user":
             G, losses = ctx.loss_and_grad(ctx.X, batch)
             return _clip_rows(G, self.clip_norm), losses
-        G_ex, losses_ex = ctx.stack.per_example_loss_and_grad(ctx.X, batch)
+        G_sum, losses_ex = ctx.stack.clipped_example_grad_sum(ctx.X, batch, self.clip_norm)
         mask = _mask(batch, losses_ex)
-        scale = (self.clip_norm / G_ex.norm(dim=-1).clamp_min(1e-12)).clamp_max(1.0) * mask
-        G = (G_ex * scale[..., None]).sum(1) / self.batch_size
         losses = (losses_ex * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return G, losses
+        return G_sum / self.batch_size, losses
 
     def noise_for(self, ctx: StepContext) -> Tensor:
         """The noise ``z`` ``[n_local, d]`` (float64) of this step for this process's clients."""

@@ -177,6 +177,15 @@ def _independent_init(module: nn.Module, trainable: set[str], seed: int) -> dict
     return values
 
 
+def _example_mask(batch: Any, like: Tensor) -> Tensor:
+    """One client's padding mask ``[B]`` (ones without one)."""
+    if isinstance(batch, dict) and "mask" in batch:
+        return batch["mask"].to(like.dtype)
+    if isinstance(batch, (tuple, list)) and len(batch) > 2:
+        return batch[2].to(like.dtype)
+    return torch.ones_like(like)
+
+
 class ClientStack:
     """Stacked, flat-buffer view of a module's trainable parameters over ``n_local`` clients.
 
@@ -302,6 +311,9 @@ class ClientStack:
         return f
 
     def _map(self, fn: Callable[[Tensor, Any], Any], rows: Tensor, batch: Any) -> Any:
+        if rows.shape[0] == 1:  # one client: no batching over clients needed (and vmap's overhead avoided)
+            out = fn(rows[0], tree_map(lambda t: t[0], batch))
+            return tree_map(lambda t: t.unsqueeze(0), out)
         if self.execution == "vmap":
             return vmap(fn, in_dims=(0, 0), randomness="different", chunk_size=self.chunk_size)(rows, batch)
         outs = [fn(rows[i], tree_map(lambda t, i=i: t[i], batch)) for i in range(rows.shape[0])]
@@ -324,19 +336,23 @@ class ClientStack:
         G, losses = self._map(grad_and_value(lossfn), rows.detach(), batch)
         return G, losses
 
-    def per_example_loss_and_grad(self, rows: Tensor, batch: Any) -> tuple[Tensor, Tensor]:
-        """Per-example gradients ``[m, B, d]`` and losses ``[m, B]`` of ``client_loss``, by nested ``vmap``.
+    def clipped_example_grad_sum(self, rows: Tensor, batch: Any, clip_norm: float) -> tuple[Tensor, Tensor]:
+        """Sum over each client's examples of the per-example gradients clipped at norm ``clip_norm``.
 
-        Each example is evaluated as a batch of one (``client_loss`` must work at batch size 1); a padded example
-        (``mask`` 0) yields a zero gradient through the module's masked mean.
+        ``sum_x g_x min(1, C / ||g_x||)`` over the real examples (``mask`` 1) of each row's batch, computed tensor by
+        tensor: the norms are accumulated over the parameter tensors and the ``[m, B, d]`` flat per-example gradients
+        are never formed (the per-tensor ones are, as in Opacus).
 
         Args:
             rows: Flat parameters ``[m, d]`` (constants).
-            batch: Stacked batch with leading dimensions ``[m, B]``.
+            batch: Stacked batch with leading dimensions ``[m, B]`` (an optional mask: third tuple element or
+                ``"mask"`` key).
+            clip_norm: ``C > 0``.
+
+        Returns:
+            ``(G [m, d], losses [m, B])``.
         """
 
-        # Differentiate with respect to the per-tensor views, not the flat row: the gradient of a slice of the flat
-        # row would materialize a zero-padded [d] buffer per tensor and example.
         def one(params: dict[str, Tensor], example: Any) -> Tensor:
             named = {f"module.{k}": v for k, v in params.items()}
             return functional_call(self._adapter, named, (tree_map(lambda t: t.unsqueeze(0), example), "client_loss"))
@@ -345,8 +361,10 @@ class ClientStack:
 
         def client(x: Tensor, b: Any) -> tuple[Tensor, Tensor]:
             grads, losses = per_example(self.unflatten(x), b)
-            flat = torch.cat([grads[s.name].reshape(grads[s.name].shape[0], -1) for s in self.layout], dim=1)
-            return flat, losses
+            sq = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values())
+            scale = (clip_norm / sq.sqrt().clamp_min(1e-12)).clamp_max(1.0) * _example_mask(b, losses)
+            flat = [torch.einsum("b,b...->...", scale, grads[s.name]).reshape(-1) for s in self.layout]
+            return torch.cat(flat), losses
 
         return self._map(client, rows.detach(), batch)
 

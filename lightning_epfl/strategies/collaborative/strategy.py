@@ -3,7 +3,7 @@
 
 :class:`CollaborativeStrategy` trains ``n`` personal copies of a one-client module (a
 :class:`~lightning_epfl.modules.ClientModule`, or a ``CausalLMModule`` with LoRA adapters) under a pluggable
-:class:`~.algorithm.CollaborativeAlgorithm` (CoBo, the baselines, Decor, trust-weighted aggregation). With one process
+:class:`~.algorithm.CollaborativeAlgorithm` (CoBo, Decor, the baselines). With one process
 (``devices=1``) all clients are simulated: their trainable parameters are stacked (:class:`~.stack.ClientStack`) and
 evaluated with ``torch.func.vmap``; with ``P`` processes (``P`` divides ``n``) each holds a contiguous block of
 clients and algorithms communicate over ``torch.distributed`` (gloo on CPU). It subclasses ``DDPStrategy`` for its
@@ -114,7 +114,8 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
             matrix, neighbour lists and edge list are on the step context and in checkpoints.
         mixing_rule: ``"uniform"`` (max-degree) or ``"metropolis_hastings"`` weights of the mixing matrix.
         erdos_renyi_p: Edge probability for ``topology="erdos_renyi"`` (drawn from ``seed``).
-        communicate: ``"trainable"``/``"all"`` or glob patterns selecting the communicated parameters.
+        communicate: ``"trainable"``/``"all"`` or a list of glob patterns selecting the communicated parameters
+            (the others stay personal), e.g. ``["*lora_A*", "*lora_B*"]``.
         client_init: ``"same"`` (every client starts from rank 0's weights) or ``"independent"`` (each client's
             trainable modules re-initialized under a generator seeded by ``(seed, client_id)``).
         execution: ``"vmap"`` (vectorized over clients) or ``"loop"`` (reference; models vmap cannot handle).
@@ -233,7 +234,26 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
                 cannot be built for it.
         """
         n = self._resolve_n_clients(datamodule, trainer.num_devices * trainer.num_nodes)
-        self._build_topology(n)
+        topology = self._build_topology(n)
+        self._check_communicate(pl_module)
+        self.algorithm.check_config(trainer, pl_module, datamodule, n, topology)
+        if (self.topology_name is not None or self._custom_topology is not None) and not self.algorithm.uses_topology:
+            rank_zero_warn(
+                f"`topology` is set but {type(self.algorithm).__name__} does not communicate along it (it averages or "
+                "pairs over all clients); the topology only adds `collab/spectral_gap`.",
+                category=RuntimeWarning,
+            )
+
+    def _check_communicate(self, pl_module: Any) -> None:
+        if isinstance(self.communicate, str) or pl_module is None:
+            return
+        import fnmatch
+
+        names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+        if names and not any(fnmatch.fnmatchcase(n, pat) for n in names for pat in self.communicate):
+            raise MisconfigurationException(
+                f"`communicate` patterns {self.communicate} match no trainable parameter; names look like {names[:3]}."
+            )
 
     def _resolve_n_clients(self, datamodule: Any, world_size: int) -> int:
         dm_n = getattr(datamodule, "n_clients", None) if datamodule is not None else None
@@ -330,6 +350,7 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
         self.n_clients = n = self._resolve_n_clients(trainer.datamodule, self.world_size)
         self.comm = LocalCommunicator(n) if self.world_size == 1 else TorchDistributedCommunicator(n)
         topology = self._restored_topology or self._build_topology(n)
+        self.algorithm.check_config(trainer, module, trainer.datamodule, n, topology)
         self.topology = topology
         self.mixing_W = None if topology is None else mixing_matrix(topology, self.mixing_rule)
         if trainer.state.fn == TrainerFn.FITTING:
