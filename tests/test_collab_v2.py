@@ -322,3 +322,94 @@ def test_save_frozen_false_keeps_only_client_tensors_and_resumes(tmp_path):
     resumed = fit(4, str(path), "b")
     straight = fit(4, root="c")
     torch.testing.assert_close(resumed.strategy.stack.X, straight.strategy.stack.X, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------- trial fixes
+def _tiny_lm_fit(tmp_path, algorithm, steps=2, **strategy_kw):
+    from lightning_epfl.datamodules import FederatedTextDataModule
+    from lightning_epfl.modules import CausalLMModule
+
+    torch.manual_seed(0)
+    dm = FederatedTextDataModule(n_clients=4, block_size=16, batch_size=2, steps_per_epoch=2)
+    tiny = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2}
+    model = CausalLMModule(config=tiny, lora={"r": 2}, optimizer=partial(torch.optim.SGD, lr=0.1))
+    tr = _trainer(tmp_path, CollaborativeStrategy(algorithm=algorithm, **strategy_kw), steps, "32-true")
+    tr.fit(model, dm)
+    return tr
+
+
+def test_cobo_runs_on_language_model_clients(tmp_path):
+    """CoBo's pair gradients on dict batches (LoRA clients on client-partitioned text)."""
+    from lightning_epfl.strategies import CoBo
+
+    tr = _tiny_lm_fit(tmp_path, CoBo(rho=0.01, gamma=0.1, pair_batch_size=2, pair_sampling="all"))
+    assert float(tr.callback_metrics["cobo/pairs_updated"]) == 6
+
+
+def test_topology_ignored_by_the_algorithm_warns(tmp_path):
+    """A topology given to an algorithm that averages over everyone warns instead of silently doing nothing."""
+    from lightning_epfl.strategies import FedAvg
+
+    strategy = CollaborativeStrategy(algorithm=FedAvg(), topology="ring")
+    trainer = type("T", (), {"num_devices": 1, "num_nodes": 1, "max_steps": 5})()
+    with pytest.warns(RuntimeWarning, match="does not communicate along it"):
+        strategy.check_config(trainer, None, ToyFederatedData(n_clients=4))
+
+
+def test_fedavg_finetune_longer_than_the_run_is_refused_and_its_matrix_follows_the_phase(tmp_path):
+    """finetune_steps >= max_steps is refused (it would be Local); the matrix is all ones, then the identity."""
+    from lightning_epfl.strategies import FedAvgFineTune
+
+    with pytest.raises(MisconfigurationException, match="`finetune_steps`=5 >= `trainer.max_steps`=5"):
+        _trainer(tmp_path, CollaborativeStrategy(algorithm=FedAvgFineTune(finetune_steps=5)), 5).fit(
+            _model(), ToyFederatedData(n_clients=4, dtype=torch.float64)
+        )
+    algo = FedAvgFineTune(finetune_steps=2)
+    _trainer(tmp_path, CollaborativeStrategy(algorithm=algo), 5).fit(
+        _model(), ToyFederatedData(n_clients=4, dtype=torch.float64)
+    )
+    assert torch.equal(algo.collaboration_matrix(), torch.eye(4, dtype=torch.float64))
+
+
+def test_recovery_of_a_structureless_matrix_is_not_noise():
+    """All-ones (FedAvg) or identity (Local) matrices have no clusters: ARI 0 against two true clusters, no
+    spectral-clustering noise."""
+    from lightning_epfl.functional.collab_metrics import recovery_metrics
+
+    truth = torch.tensor([0, 0, 1, 1, 0, 1])
+    for W in (torch.ones(6, 6, dtype=torch.float64), torch.eye(6, dtype=torch.float64)):
+        rec = recovery_metrics(W, truth)
+        assert rec["ari_spectral"] == rec["ari_components"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_save_frozen_false_refuses_a_different_base(tmp_path):
+    """Adapters saved without their base are refused on another random base (fingerprint mismatch)."""
+    first = CollaborativeStrategy(n_clients=3, save_frozen=False)
+    tr = _trainer(tmp_path / "a", first, 2, "32-true")
+    tr.fit(_lora_module(), _TextClients())
+    path = tmp_path / "a.ckpt"
+    tr.save_checkpoint(path)
+    assert torch.load(path, weights_only=True)["collaborative"]["frozen_fingerprint"]
+    other = _lora_module()
+    with torch.no_grad():
+        next(p for p in other.parameters() if not p.requires_grad).add_(1.0)  # another base
+    tr2 = _trainer(tmp_path / "b", CollaborativeStrategy(n_clients=3, save_frozen=False), 4, "32-true")
+    with pytest.raises(MisconfigurationException, match="trained on another frozen base"):
+        tr2.fit(other, _TextClients(), ckpt_path=str(path))
+
+
+def test_cli_unknown_option_is_one_line_with_its_key(tmp_path, capsys):
+    """A misspelt option prints one line naming the key and class, exit status 1."""
+    from pathlib import Path
+
+    from lightning_epfl.cli import main
+
+    example = Path(__file__).parent.parent / "examples" / "cobo_digits.yaml"
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", str(example), "--trainer.strategy.init_args.algorithm.init_args.gama=0.1"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exc.value.code == 1
+    assert last == (
+        "lightning-epfl: error: trainer.strategy.algorithm (lightning_epfl.strategies.CoBo): Option 'gama' is not "
+        "accepted"
+    )

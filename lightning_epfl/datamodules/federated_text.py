@@ -108,6 +108,10 @@ class FederatedTextDataModule(LightningDataModule):
         self._val: list[TokenBlocks] = []
         self._train_position = StreamPosition(0)
 
+    def check_config(self, trainer: Any, pl_module: Any, datamodule: Any = None) -> None:
+        """Tokenize and split now, so that a client with too little text fails before the run starts."""
+        self.setup()
+
     @property
     def tokenizer(self) -> Any:
         """The shared tokenizer (loaded on first access)."""

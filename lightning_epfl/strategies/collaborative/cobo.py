@@ -177,7 +177,13 @@ class CoBo(CollaborativeAlgorithm):
     def _pair_size(self, ctx: StepContext) -> int:
         if self.pair_batch_size is not None:
             return self.pair_batch_size
-        return int(getattr(ctx.datamodule, "batch_size", None) or 16)
+        size = getattr(ctx.datamodule, "batch_size", None)
+        if not size:
+            raise MisconfigurationException(
+                "CoBo: `pair_batch_size` is None (the datamodule's batch size) but the datamodule has no "
+                "`batch_size`; set `pair_batch_size` (-1 for each client's full local set)."
+            )
+        return int(size)
 
     # ------------------------------------------------------------------------------------------------ hooks
     def check_config(self, trainer: Any, pl_module: Any, datamodule: Any, n_clients: int, topology: Any) -> None:

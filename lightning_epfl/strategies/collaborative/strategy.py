@@ -10,6 +10,8 @@ clients and algorithms communicate over ``torch.distributed`` (gloo on CPU). It 
 launcher, process-group setup and ``setup`` sequence, and stacks the clients at ``configure_ddp``, the point where
 DDP would wrap the model (its gradient all-reduce would be FedSGD).
 
+The model summary counts the parameters this process holds: ``n_local`` stacked copies of the trainable ones.
+
 Rules for the user's module: keep automatic optimization; no ``gradient_clip_val``; no gradient accumulation; no
 BatchNorm running statistics; do not call ``self(x)`` outside the client hooks (the weights are stacked). Each
 process's dataloader must yield batches stacked over ``strategy.local_client_ids`` (``FederatedDataModule`` and
@@ -124,7 +126,8 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
             stacked ``[n, ...]`` tensors the same as ``n`` optimizers).
         log_per_client: Also log ``<stage>/<metric>_client_{i}``.
         save_frozen: Write frozen (shared, not stacked) parameters into checkpoints. ``False`` keeps checkpoints
-            to the per-client tensors (e.g. LoRA adapters over a base the module reloads from ``pretrained_path``).
+            to the per-client tensors (e.g. LoRA adapters over a base the module reloads from ``pretrained_path``)
+            plus a SHA-256 fingerprint of the base, checked on resume.
         seed: Seed of all algorithm randomness (pair sampling, centre init, independent client init, topology).
         process_group_backend: ``torch.distributed`` backend (``None``: gloo on CPU, NCCL on CUDA).
         start_method: Lightning's DDP launcher start method.
@@ -600,6 +603,13 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
         missing = set(module.state_dict()) - set(state)
         if strict and missing and missing <= _frozen_keys(module):  # a checkpoint saved with `save_frozen=False`
             strict = False
+            saved = (checkpoint.get("collaborative") or {}).get("frozen_fingerprint")
+            if saved is not None and saved != self._frozen_fingerprint():
+                raise MisconfigurationException(
+                    "The checkpoint holds per-client tensors trained on another frozen base (it was saved with "
+                    "`save_frozen=False`, and this module's frozen weights differ from that run's): load the same "
+                    "`pretrained_path`, or build the base with the same seed."
+                )
         with torch.no_grad():
             module.load_state_dict(state, strict=strict)
 
@@ -640,10 +650,22 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
             optimizer.load_state_dict(opt_state)
         optimizers_to_device(self.optimizers, self.root_device)
 
+    def _frozen_fingerprint(self) -> str:
+        """SHA-256 of the frozen (shared) tensors: identifies the base a checkpoint without them was trained on."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        module = self.lightning_module
+        for key in sorted(_frozen_keys(module)):
+            digest.update(key.encode())
+            digest.update(module.state_dict()[key].detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     def collaborative_state(self) -> dict[str, Any]:
         """The checkpoint's ``"collaborative"`` entry (replicated state only; no collective; no secret)."""
         return {
             "format_version": _FORMAT_VERSION,
+            "frozen_fingerprint": None if self.save_frozen or self.stack is None else self._frozen_fingerprint(),
             "n_clients": self.n_clients,
             "adjacency": None if self.topology is None else self.topology.adjacency.clone(),
             "topology_name": None if self.topology is None else self.topology.name,
