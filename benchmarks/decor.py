@@ -156,13 +156,14 @@ def _all_data(dm: FederatedDataModule) -> tuple[torch.Tensor, torch.Tensor]:
     return X, y
 
 
-def run_a9a(method: str, epsilon: float, seed: int, steps: int, dm: FederatedDataModule, lr: float | None = None,
-            evals: int = 20) -> list[float]:  # fmt: skip
-    """Train one (method, epsilon, seed); return the objective of the average model at ``evals`` evenly spaced steps."""
+def run_decor(method: str, epsilon: float, seed: int, steps: int, dm: FederatedDataModule, lr: float | None = None,
+              evals: int = 20) -> list[float]:  # fmt: skip
+    """Train one (method, epsilon, seed) on ``dm``'s users; return the training objective of the average model at
+    ``evals`` evenly spaced steps."""
     noise, graph = METHODS[method]
     lr = LR[noise] if lr is None else lr
     torch.manual_seed(seed)
-    model = LogisticRegression(123).double()
+    model = LogisticRegression(int(dm.num_features)).double()
     stack = ClientStack(model, N_USERS)
     opt = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     topo = _graph(graph)
@@ -210,7 +211,7 @@ def part_a9a(seeds: list[int], steps: int, epsilons: list[float], out: str, fig:
         for method in METHODS:
             gaps = []
             for s in seeds:
-                vals = run_a9a(method, eps, s, steps, data[s])
+                vals = run_decor(method, eps, s, steps, data[s])
                 gaps.append(statistics.mean(vals[-5:]) - optima[s])
             results[method][eps] = gaps
             sd = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
@@ -248,7 +249,7 @@ def tune(steps: int, grid: list[float]) -> None:
     )
     print("|---" * (len(grid) + 1) + "|")
     for method in ("CDP", "Decor ring", "LDP ring"):
-        gaps = [statistics.mean(run_a9a(method, 10.0, 0, steps, dm, lr=g)[-5:]) - f_star for g in grid]
+        gaps = [statistics.mean(run_decor(method, 10.0, 0, steps, dm, lr=g)[-5:]) - f_star for g in grid]
         print(f"| {method} | " + " | ".join(f"{x:.4f}" for x in gaps) + " |", flush=True)
 
 
