@@ -205,8 +205,12 @@ class Decor(CollaborativeAlgorithm):
         self, trainer: Any, pl_module: Any, datamodule: Any, n_clients: int, topology: Topology | None
     ) -> None:
         """Before the run: a connected graph is needed (except for central DP)."""
+        self._check_graph(n_clients, topology)
+
+    def _check_graph(self, n_clients: int, topology: Topology | None) -> Topology:
+        """The graph the noise is accounted on: complete for central DP, else the (connected) ``topology``."""
         if self.noise == "cdp":
-            return
+            return Topology.complete(n_clients)
         if topology is None:
             raise MisconfigurationException(
                 "Decor needs a communication graph: set `CollaborativeStrategy(topology=...)` (ring, torus, complete, "
@@ -216,20 +220,7 @@ class Decor(CollaborativeAlgorithm):
             raise MisconfigurationException(
                 f"Decor needs a connected graph; the topology has components {topology.components()}."
             )
-
-    def _graph(self, ctx: StepContext) -> Topology:
-        if self.noise == "cdp":
-            return Topology.complete(ctx.n_clients)
-        if ctx.topology is None:
-            raise MisconfigurationException(
-                "Decor needs a communication graph: set `CollaborativeStrategy(topology=...)` (ring, torus, complete, "
-                "erdos_renyi or an adjacency matrix)."
-            )
-        if not ctx.topology.is_connected():
-            raise MisconfigurationException(
-                f"Decor needs a connected graph; the topology has components {ctx.topology.components()}."
-            )
-        return ctx.topology
+        return topology
 
     def _sampling(self, ctx: StepContext) -> None:
         dm = ctx.datamodule
@@ -245,7 +236,7 @@ class Decor(CollaborativeAlgorithm):
 
     def setup(self, ctx: StepContext) -> None:
         self._seed = ctx.seed
-        graph = self._graph(ctx)
+        graph = self._check_graph(ctx.n_clients, ctx.topology)
         self._sampling(ctx)
         n = ctx.n_clients
         if self.noise == "cdp":
