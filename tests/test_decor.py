@@ -180,7 +180,7 @@ def test_secure_mode_keys_never_reach_checkpoints_logs_or_hyperparameters(tmp_pa
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=3,
     )  # fmt: skip
     tr.fit(model, ToyFederatedData(n_clients=4, dtype=torch.float64))
-    keys = [s.key for s in algo._pair_keys.values()] + list(algo._private_keys.values())
+    keys = [s.key for s in algo._pair_keys.values()] + [s.key for s in algo._private_keys.values()]
     assert len(algo._pair_keys) == 4 and all(len(k) == 32 for k in keys)
     path = tmp_path / "s.ckpt"
     tr.save_checkpoint(path)
@@ -323,3 +323,44 @@ def test_both_ends_draw_the_same_pairwise_noise_in_secure_mode():
     assert torch.equal(a, b)
     assert not torch.equal(a, at_0.gaussian(6, 4096)) and not torch.equal(a, at_0.gaussian(5, 4096, stream=1))
     assert abs(float(a.mean())) < 0.06 and abs(float(a.std()) - 1.0) < 0.05
+
+
+def _fit_ckpt(root, algorithm, steps, topology="ring", ckpt_path=None):
+    torch.manual_seed(0)
+    model = MLPClassifier(5, [6], 3, optimizer=partial(torch.optim.SGD, lr=0.1))
+    tr = _trainer(root, CollaborativeStrategy(algorithm=algorithm, topology=topology), steps)
+    tr.fit(model, ToyFederatedData(n_clients=4, dtype=torch.float64), ckpt_path=ckpt_path)
+    return tr
+
+
+def test_resume_refuses_a_spent_budget_and_changed_accounting(tmp_path):
+    """A checkpoint whose budget is spent is not trained further; resuming with another noise mode or graph is
+    refused (the account would be wrong); the same settings resume and keep epsilon <= target."""
+    tr = _fit_ckpt(tmp_path / "a", Decor(target_epsilon=8.0, total_steps=5), steps=5)
+    spent = tmp_path / "spent.ckpt"
+    tr.save_checkpoint(spent)
+    with pytest.raises(MisconfigurationException, match="spent its privacy budget"):
+        _fit_ckpt(tmp_path / "b", Decor(target_epsilon=8.0, total_steps=5), steps=8, ckpt_path=str(spent))
+    tr = _fit_ckpt(tmp_path / "c", Decor(target_epsilon=8.0, total_steps=10), steps=3)
+    mid = tmp_path / "mid.ckpt"
+    tr.save_checkpoint(mid)
+    with pytest.raises(MisconfigurationException, match="another `noise` \\('decor' there, 'ldp' now\\)"):
+        _fit_ckpt(tmp_path / "d", Decor(target_epsilon=8.0, total_steps=10, noise="ldp"), steps=6, ckpt_path=str(mid))
+    with pytest.raises(MisconfigurationException, match="another the communication graph|communication graph"):
+        _fit_ckpt(tmp_path / "e", Decor(target_epsilon=8.0, total_steps=10), 6, "complete", ckpt_path=str(mid))
+    resumed = _fit_ckpt(tmp_path / "f", Decor(target_epsilon=8.0, total_steps=10), steps=6, ckpt_path=str(mid))
+    assert resumed.global_step == 6 and resumed.strategy.algorithm.accountant.steps == 6
+    assert float(resumed.callback_metrics["privacy/epsilon"]) < 8.0
+
+
+def test_secure_mode_private_keys_refuse_pickling(tmp_path):
+    """The per-client private-noise keys are in-memory secrets like the pair keys: no pickling, hidden repr."""
+    import pickle
+
+    tr = _fit(tmp_path, Decor(sigma=0.5, sigma_cor=0.0, noise="ldp", secure_mode=True))
+    keys = tr.strategy.algorithm._private_keys
+    assert len(keys) == 4 and "hidden" in repr(keys[0]) and keys[0].key.hex() not in repr(keys)
+    with pytest.raises(TypeError, match="never serialized"):
+        pickle.dumps(keys)
+    with pytest.raises(TypeError, match="never serialized"):
+        copy.deepcopy(tr.strategy.algorithm)

@@ -183,12 +183,50 @@ def test_running_account_state_and_would_exceed():
         ({"conversion": "moments"}, "`conversion`"),
         ({"level": "example", "conversion": "gdp"}, "gdp"),
         ({"level": "batch"}, "`level`"),
+        ({"clip_norm": float("inf")}, "`clip_norm` must be finite"),
+        ({"honest": [0, 99]}, "`honest` must be a non-empty subset"),
+        ({"orders": [0.5, 2.0]}, "`orders` must be RDP orders > 1"),
+        ({"weights": 5.0}, "0/1 matrix"),
     ],
 )
 def test_accountant_bad_input(kwargs, match):
     """Bad accountant arguments raise naming the argument."""
     args = {"clip_norm": 1.0, **kwargs}
+    scale = args.pop("weights", 1.0)
     with pytest.raises(ValueError, match=match):
-        SecLDPAccountant(GRAPHS["ring"].adjacency, **args)
+        SecLDPAccountant(GRAPHS["ring"].adjacency.double() * scale, **args)
     with pytest.raises(ValueError, match="`delta` must be in"):
         zcdp_epsilon(1.0, 1.5)
+
+
+def test_accountant_step_and_target_checks_and_disconnected_message():
+    """Bad step counts and targets are named; an unreachable target on a disconnected graph says so; the RDP
+    conversion never reports a negative epsilon."""
+    acc = SecLDPAccountant(GRAPHS["ring"].adjacency, 1.0)
+    with pytest.raises(ValueError, match="`steps` must be an integer >= 0"):
+        acc.epsilon(1.0, 1.0, -3, 1e-5)
+    with pytest.raises(ValueError, match="`steps` must be an integer >= 1"):
+        acc.calibrate(3.0, 1e-5, 10.5)
+    with pytest.raises(ValueError, match="`target_epsilon` must be finite"):
+        acc.calibrate(math.inf, 1e-5, 10)
+    two = torch.zeros(4, 4)
+    two[0, 1] = two[1, 0] = two[2, 3] = two[3, 2] = 1
+    with pytest.raises(ValueError, match=r"disconnected: components \[\[0, 1\], \[2, 3\]\]"):
+        SecLDPAccountant(two, 1.0).calibrate(1.0, 1e-5, 1000, sigma=1.0)
+    assert rdp_epsilon(1e-4, 0.1) == 0.0
+
+
+@pytest.mark.parametrize(("conversion", "level", "q", "b"), [("rdp", "user", 1.0, 1), ("gdp", "user", 1.0, 1),
+                                                              ("zcdp", "example", 0.1, 4)])  # fmt: skip
+def test_sigma_factor_is_relative_to_the_central_noise_of_the_same_accounting(conversion, level, q, b):
+    """sigma = 1.05 sigma_CDP where sigma_CDP is the central noise of the *same* accounting (conversion,
+    subsampling amplification): Decor then needs pairwise noise and less private noise than local DP."""
+    adjacency = GRAPHS["ring"].adjacency
+    acc = SecLDPAccountant(adjacency, 1.0, level=level, conversion=conversion)
+    central = SecLDPAccountant(adjacency, 1.0, level=level, conversion=conversion, central=True)
+    sigma_cdp = central.calibrate_sigma(8.0, 1e-5, 500, sample_rate=q, batch_size=b)
+    assert central.epsilon(sigma_cdp, 0.0, 500, 1e-5, q, b) <= 8.0
+    sigma, sigma_cor = acc.calibrate(8.0, 1e-5, 500, sample_rate=q, batch_size=b)
+    assert sigma == pytest.approx(1.05 * sigma_cdp, rel=1e-12) and sigma_cor > 0
+    assert acc.epsilon(sigma, sigma_cor, 500, 1e-5, q, b) <= 8.0
+    assert sigma < acc.calibrate_sigma(8.0, 1e-5, 500, sample_rate=q, batch_size=b)  # below the LDP noise

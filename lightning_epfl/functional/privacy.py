@@ -173,14 +173,14 @@ def zcdp_epsilon(rho: float, delta: float) -> float:
 def rdp_epsilon(rho: float, delta: float, orders: Sequence[float] | None = None) -> float:
     r"""Epsilon from the RDP curve :math:`\alpha \mapsto \alpha\rho` (a ``rho``-zCDP mechanism), by Opacus's
     ``get_privacy_spent`` (Balle et al., arXiv:1905.09982, Thm. 21) over ``orders`` (default: Opacus's
-    ``RDPAccountant.DEFAULT_ALPHAS``)."""
+    ``RDPAccountant.DEFAULT_ALPHAS``), floored at 0."""
     from opacus.accountants import RDPAccountant
     from opacus.accountants.analysis.rdp import get_privacy_spent
 
     _check_delta(delta)
     alphas = list(orders) if orders is not None else list(RDPAccountant.DEFAULT_ALPHAS)
     eps, _ = get_privacy_spent(orders=alphas, rdp=[a * rho for a in alphas], delta=delta)
-    return float(eps)
+    return max(0.0, float(eps))  # the conversion goes negative for tiny rho; epsilon = 0 is the true floor
 
 
 def gdp_epsilon(rho: float, delta: float, tol: float = 1e-12) -> float:

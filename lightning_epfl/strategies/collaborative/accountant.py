@@ -70,7 +70,18 @@ class SecLDPAccountant:
         a = torch.as_tensor(adjacency).to(torch.float64)
         if a.ndim != 2 or a.shape[0] != a.shape[1] or not torch.equal(a, a.T):
             raise ValueError(f"`adjacency` must be a symmetric [n, n] matrix, got shape {tuple(a.shape)}.")
+        if not bool(((a == 0) | (a == 1)).all()) or bool(a.diagonal().any()):
+            raise ValueError(
+                "`adjacency` must be a 0/1 matrix with a zero diagonal (pairwise noise has unit weight per edge); "
+                f"got entries {sorted({float(v) for v in a.unique()})[:5]}."
+            )
+        if not math.isfinite(clip_norm):
+            raise ValueError(f"`clip_norm` must be finite and > 0, got {clip_norm}.")
         sensitivity(clip_norm, level, neighbouring)  # validates clip_norm, level, neighbouring
+        if honest is not None and (not list(honest) or any(not 0 <= int(i) < a.shape[0] for i in honest)):
+            raise ValueError(f"`honest` must be a non-empty subset of [0, {a.shape[0]}), got {list(honest)}.")
+        if orders is not None and (not list(orders) or any(not o > 1 for o in orders)):
+            raise ValueError(f"`orders` must be RDP orders > 1, got {list(orders)}.")
         if conversion not in ("zcdp", "rdp", "gdp"):
             raise ValueError(f"`conversion` must be 'zcdp', 'rdp' or 'gdp', got {conversion!r}.")
         if conversion == "gdp" and level == "example":
@@ -142,7 +153,7 @@ class SecLDPAccountant:
                 dtype=torch.float64,
             )
         eps, _ = get_privacy_spent(orders=alphas, rdp=rdp.tolist(), delta=delta)
-        return float(eps)
+        return max(0.0, float(eps))
 
     def epsilon(
         self,
@@ -158,6 +169,7 @@ class SecLDPAccountant:
         Raises:
             ValueError: If ``sample_rate`` is not in ``(0, 1]``, or ``< 1`` at user level.
         """
+        _check_steps(steps, allow_zero=True)
         return self._epsilon_of_history([self._entry(sigma, sigma_cor, sample_rate, batch_size, steps)], delta)
 
     def _entry(self, sigma: float, sigma_cor: float, sample_rate: float, batch_size: int, count: int) -> dict:
@@ -236,15 +248,13 @@ class SecLDPAccountant:
             ValueError: If the target cannot be met even with ``sigma_cor -> infinity`` at this ``sigma`` (the
                 message gives the smallest reachable epsilon), or an argument is out of range.
         """
-        if not target_epsilon > 0:
-            raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon}.")
-        if steps < 1:
-            raise ValueError(f"`steps` must be >= 1, got {steps}.")
+        if not 0 < target_epsilon < math.inf:
+            raise ValueError(f"`target_epsilon` must be finite and > 0, got {target_epsilon}.")
+        _check_steps(steps)
         if sigma is None:
             if sigma_factor < 1.0:
                 raise ValueError(f"`sigma_factor` must be >= 1, got {sigma_factor}.")
-            sigma = sigma_factor * cdp_sigma(target_epsilon, delta, steps, self.clip_norm, self.n)
-            sigma *= self._level_scale(batch_size)
+            sigma = sigma_factor * self.central_sigma(target_epsilon, delta, steps, sample_rate, batch_size)
 
         def eps(sc: float) -> float:
             return self.epsilon(sigma, sc, steps, delta, sample_rate, batch_size)
@@ -255,9 +265,11 @@ class SecLDPAccountant:
         while eps(hi) > target_epsilon:
             hi *= 2.0
             if hi > 1e12:
+                comps = _components(self)
+                where = f" (the graph is disconnected: components {comps})" if len(comps) > 1 else ""
                 raise ValueError(
                     f"`target_epsilon`={target_epsilon} is out of reach at sigma={sigma:.4g}: even unbounded pairwise "
-                    f"noise gives epsilon {eps(1e12):.4g}; raise `sigma` (or `sigma_factor`) or the target."
+                    f"noise gives epsilon {eps(1e12):.4g}{where}; raise `sigma` (or `sigma_factor`) or the target."
                 )
         lo = 0.0
         while hi - lo > 1e-9 * hi:
@@ -285,10 +297,9 @@ class SecLDPAccountant:
         Raises:
             ValueError: If an argument is out of range.
         """
-        if not target_epsilon > 0:
-            raise ValueError(f"`target_epsilon` must be > 0, got {target_epsilon}.")
-        if steps < 1:
-            raise ValueError(f"`steps` must be >= 1, got {steps}.")
+        if not 0 < target_epsilon < math.inf:
+            raise ValueError(f"`target_epsilon` must be finite and > 0, got {target_epsilon}.")
+        _check_steps(steps)
 
         def eps(sigma: float) -> float:
             return self.epsilon(sigma, sigma_cor, steps, delta, sample_rate, batch_size)
@@ -306,9 +317,17 @@ class SecLDPAccountant:
         assert eps(hi) <= target_epsilon
         return float(hi)
 
-    def _level_scale(self, batch_size: int) -> float:
-        """The CDP noise formula is for user-level sensitivity; example level divides it by the batch size."""
-        return 1.0 / batch_size if self.level == "example" else 1.0
+    def central_sigma(
+        self, target_epsilon: float, delta: float, steps: int, sample_rate: float = 1.0, batch_size: int = 1
+    ) -> float:
+        """``sigma_CDP``: the central-DP noise (a trusted average) of the same budget, accounted as this accountant
+        accounts (level, neighbouring relation, conversion, subsampling), so that ``sigma_factor`` is a multiple of
+        the central noise under every setting."""
+        twin = SecLDPAccountant(
+            self.adjacency, self.clip_norm, level=self.level, neighbouring=self.neighbouring,
+            conversion=self.conversion, orders=self.orders, central=True,
+        )  # fmt: skip
+        return twin.calibrate_sigma(target_epsilon, delta, steps, sample_rate=sample_rate, batch_size=batch_size)
 
     @staticmethod
     def ldp_sigma(epsilon: float, delta: float, steps: int, clip_norm: float) -> float:
@@ -327,3 +346,15 @@ class SecLDPAccountant:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state.get("history", [])]
+
+
+def _check_steps(steps: int, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(steps, bool) or int(steps) != steps or steps < low:
+        raise ValueError(f"`steps` must be an integer >= {low}, got {steps}.")
+
+
+def _components(accountant: SecLDPAccountant) -> list[list[int]]:
+    from lightning_epfl.functional.topology import Topology
+
+    return Topology(accountant.adjacency.bool()).components()

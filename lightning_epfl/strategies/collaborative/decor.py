@@ -31,7 +31,6 @@ against an attacker who substitutes public keys.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 import torch
@@ -43,7 +42,7 @@ from lightning_epfl.functional.topology import Topology
 from lightning_epfl.seeding import seeded_generator
 from lightning_epfl.strategies.collaborative.accountant import SecLDPAccountant
 from lightning_epfl.strategies.collaborative.algorithm import CollaborativeAlgorithm, StepContext
-from lightning_epfl.strategies.collaborative.secrets import chacha_gaussian
+from lightning_epfl.strategies.collaborative.secrets import PrivateSecret
 
 __all__ = ["Decor"]
 
@@ -178,7 +177,7 @@ class Decor(CollaborativeAlgorithm):
         self._seed = 0
         self._neighbours: dict[int, tuple[int, ...]] = {}
         self._pair_keys: dict[tuple[int, int], Any] = {}
-        self._private_keys: dict[int, bytes] = {}
+        self._private_keys: dict[int, PrivateSecret] = {}
         self._restored: dict[str, Any] | None = None
         self._warned_budget = False
 
@@ -204,8 +203,12 @@ class Decor(CollaborativeAlgorithm):
     def check_config(
         self, trainer: Any, pl_module: Any, datamodule: Any, n_clients: int, topology: Topology | None
     ) -> None:
-        """Before the run: a connected graph is needed (except for central DP)."""
+        """Before the run: a connected graph is needed (except for central DP); honest clients must exist."""
         self._check_graph(n_clients, topology)
+        if self.honest_clients is not None and any(not 0 <= int(i) < n_clients for i in self.honest_clients):
+            raise MisconfigurationException(
+                f"`honest_clients` must be client ids in [0, {n_clients}), got {self.honest_clients}."
+            )
 
     def _check_graph(self, n_clients: int, topology: Topology | None) -> Topology:
         """The graph the noise is accounted on: complete for central DP, else the (connected) ``topology``."""
@@ -255,15 +258,14 @@ class Decor(CollaborativeAlgorithm):
             central=self.noise == "cdp",
         )
         if self._restored is not None:
-            self.sigma, self.sigma_cor = self._restored["sigma"], self._restored["sigma_cor"]
-            self.accountant.load_state_dict(self._restored["accountant"])
+            self._restore(self._restored)
         elif self.target_epsilon is not None:
             self._calibrate(ctx)
         if self.noise == "decor" and self.sigma_cor and self.sigma_cor > 0:
             if self.secure_mode:
                 self._pair_keys = ctx.pairwise_keys(b"lightning-epfl/decor")
         if self.secure_mode:
-            self._private_keys = {i: os.urandom(32) for i in ctx.local_ids}
+            self._private_keys = {i: PrivateSecret(i) for i in ctx.local_ids}
         else:
             rank_zero_warn(
                 "Decor(secure_mode=False): noise from seeded torch generators, reproducible but without any "
@@ -318,7 +320,8 @@ class Decor(CollaborativeAlgorithm):
 
     def _private_normal(self, client: int, step: int, d: int) -> Tensor:
         if self.secure_mode:
-            return _defended_normal(lambda s: chacha_gaussian(self._private_keys[client], step, s, d))
+            secret = self._private_keys[client]
+            return _defended_normal(lambda s: secret.gaussian(step, d, stream=s))
         return torch.randn(
             d, generator=seeded_generator(self._seed, "decor_private", client, step), dtype=torch.float64
         )
@@ -395,15 +398,54 @@ class Decor(CollaborativeAlgorithm):
             "sigma": self.sigma,
             "sigma_cor": self.sigma_cor,
             "accountant": None if self.accountant is None else self.accountant.state_dict(),
+            "accounting": None if self.accountant is None else self._accounting(),
         }
+
+    def _accounting(self) -> dict[str, Any]:
+        """What the running account depends on besides the noise levels: a resume must not change it."""
+        assert self.accountant is not None
+        return {
+            "noise": self.noise,
+            "level": self.level,
+            "neighbouring": self.neighbouring,
+            "conversion": self.conversion,
+            "clip_norm": self.clip_norm,
+            "delta": self.delta,
+            "honest_clients": self.accountant.honest,
+            "graph_edges": [(i, j) for i, j in torch.nonzero(torch.triu(self.accountant.adjacency)).tolist()],
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        """Take the checkpoint's noise levels and account, after checking that the settings match and that the
+        budget allows one more step."""
+        assert self.accountant is not None
+        saved = state.get("accounting")
+        if saved is not None:
+            current = self._accounting()
+            changed = [k for k in current if saved.get(k) != current[k]]
+            if changed:
+                k = changed[0]
+                shown = "the communication graph (topology)" if k == "graph_edges" else f"`{k}`"
+                raise MisconfigurationException(
+                    f"Decor: the checkpoint was trained with another {shown} ({saved.get(k)!r} there, "
+                    f"{current[k]!r} now); its privacy account would be wrong. Resume with the same settings."
+                )
+        self.sigma, self.sigma_cor = state["sigma"], state["sigma_cor"]
+        self.accountant.load_state_dict(state["accountant"])
+        if self.stop_at_budget and self.target_epsilon is not None and self._next_step_exceeds():
+            spent = self.accountant.get_epsilon(self.delta)
+            raise MisconfigurationException(
+                f"Decor: the checkpoint has spent its privacy budget (epsilon {spent:.6g} after "
+                f"{self.accountant.steps} steps; one more step would exceed `target_epsilon`={self.target_epsilon}). "
+                "Nothing is left to train; raise the target only if that privacy loss is acceptable."
+            )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("accountant") is None:
             return
         self._restored = dict(state)
         if self.accountant is not None:
-            self.sigma, self.sigma_cor = state["sigma"], state["sigma_cor"]
-            self.accountant.load_state_dict(state["accountant"])
+            self._restore(state)
 
 
 def _clip_rows(G: Tensor, clip_norm: float) -> Tensor:

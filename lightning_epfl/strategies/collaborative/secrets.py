@@ -14,6 +14,7 @@ Uses the ``cryptography`` package.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 
@@ -25,19 +26,14 @@ __all__ = ["PUBLIC_KEY_BYTES", "PairwiseSecret", "chacha_gaussian", "derive_pair
 PUBLIC_KEY_BYTES = 32
 
 
-class PairwiseSecret:
-    """The shared 32-byte key of one edge ``(i, j)``, ``i < j``; in memory only.
+class _KeyedStream:
+    """A 32-byte key and its ChaCha20 Gaussian stream; in memory only (refuses pickling, hides its bytes)."""
 
-    Attributes:
-        edge: The edge ``(i, j)`` with ``i < j``.
-    """
+    __slots__ = ("_key",)
 
-    __slots__ = ("_key", "edge")
-
-    def __init__(self, edge: tuple[int, int], key: bytes) -> None:
+    def __init__(self, key: bytes) -> None:
         if len(key) != 32:
-            raise ValueError(f"a pairwise key has 32 bytes, got {len(key)}.")
-        self.edge = edge
+            raise ValueError(f"a stream key has 32 bytes, got {len(key)}.")
         self._key = bytes(key)
 
     @property
@@ -46,9 +42,28 @@ class PairwiseSecret:
         return self._key
 
     def gaussian(self, step: int, size: int, stream: int = 0) -> Tensor:
-        """Standard normal ``[size]`` (float64) from the key's ChaCha20 keystream at ``(step, stream)``: the same at
-        both ends of the edge, fresh for every step (:func:`chacha_gaussian`)."""
+        """Standard normal ``[size]`` (float64) from the key's ChaCha20 keystream at ``(step, stream)``: fresh for
+        every step (:func:`chacha_gaussian`)."""
         return chacha_gaussian(self._key, step, stream, size)
+
+    def __reduce__(self) -> None:  # type: ignore[override]
+        raise TypeError(
+            f"{type(self).__name__} is never serialized (checkpoints, logs and hyperparameters must not hold it)."
+        )
+
+
+class PairwiseSecret(_KeyedStream):
+    """The shared 32-byte key of one edge ``(i, j)``, ``i < j``: both ends draw the same stream.
+
+    Attributes:
+        edge: The edge ``(i, j)`` with ``i < j``.
+    """
+
+    __slots__ = ("edge",)
+
+    def __init__(self, edge: tuple[int, int], key: bytes) -> None:
+        super().__init__(key)
+        self.edge = edge
 
     def __repr__(self) -> str:
         return f"PairwiseSecret(edge={self.edge}, key=<32 bytes hidden>)"
@@ -59,8 +74,22 @@ class PairwiseSecret:
     def __hash__(self) -> int:
         return hash(self.edge)
 
-    def __reduce__(self) -> None:  # type: ignore[override]
-        raise TypeError("PairwiseSecret is never serialized (checkpoints, logs and hyperparameters must not hold it).")
+
+class PrivateSecret(_KeyedStream):
+    """One client's own 32-byte key (its private noise stream), drawn from the operating system's CSPRNG.
+
+    Attributes:
+        client: The client id.
+    """
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: int) -> None:
+        super().__init__(os.urandom(32))
+        self.client = client
+
+    def __repr__(self) -> str:
+        return f"PrivateSecret(client={self.client}, key=<32 bytes hidden>)"
 
 
 def generate_key_pairs(n: int) -> tuple[list[object], Tensor]:

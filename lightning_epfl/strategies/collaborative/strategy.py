@@ -568,7 +568,8 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
 
     # ------------------------------------------------------------------------------------------------ models
     def client_state_dict(self, i: int) -> dict[str, Tensor]:
-        """Client ``i``'s trainable tensors as a one-client state dict (collective in multi-process mode)."""
+        """Client ``i``'s trainable tensors as a one-client state dict (collective in multi-process mode): the model
+        the algorithm evaluates for client ``i`` (its personal row; the average for ``Decor(evaluate="average")``)."""
         rows = self.comm.all_gather(self.algorithm.evaluation_rows(self._refresh_ctx()).detach())
         return self.stack.row_state_dict(rows[i])
 
