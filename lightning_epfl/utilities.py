@@ -110,6 +110,39 @@ def umask_permissions(folder: str | os.PathLike) -> None:
         os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~umask)
 
 
+def atomic_directory(directory: str | os.PathLike, write: Callable[[str], Any]) -> str:
+    """Build a folder under a temporary name beside ``directory`` with ``write(tmp)``, then rename it into place.
+
+    An existing ``directory`` is moved aside first and deleted only after the new one is in place, so a crash leaves
+    either the old folder or the new one (plus a hidden ``.old-*``/``.tmp-*`` folder), never a half-written one.
+
+    Returns:
+        The absolute path of ``directory``.
+    """
+    import shutil
+    import tempfile
+
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    try:
+        write(tmp)
+        umask_permissions(tmp)
+        old = None
+        if os.path.exists(directory):
+            old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
+            os.replace(directory, os.path.join(old, "x"))
+        os.replace(tmp, directory)
+        _fsync_folder(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> str:
     """Write ``data`` to ``path`` through :func:`atomic_write`."""
 

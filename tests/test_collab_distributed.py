@@ -24,6 +24,7 @@ from lightning_epfl.strategies.collaborative import (
 )
 
 BASELINES = ("local", "fedavg", "cobo")
+TRUST = ("weight_similarity", "validation", "prediction")
 STEPS = 5
 TOL = 1e-10  # float64; only the order of floating-point sums differs between layouts
 
@@ -103,6 +104,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     algo.sigma = 0.0  # pairwise part only
     st.ctx.step = 3
     results["decor_pair_noise"] = st.comm.all_gather(algo.noise_for(st.ctx))
+    # TrustWeighted LoRA clients (tiny Llama, float64, dropout 0): W and adapters for the collective trust schemes
+    from test_trust_weighted import _fast
+    from test_trust_weighted import _fit as _fit_lm
+
+    for trust in TRUST:
+        trainer = _fit_lm(out, _fast(trust), steps=4, devices=world)
+        st = trainer.strategy
+        results[f"trust_{trust}"] = {"X": st.comm.all_gather(st.stack.X.detach()), "W": st.algorithm.W}
     try:
         TorchDistributedCommunicator(3)
     except ValueError as err:
@@ -179,3 +188,17 @@ def test_two_process_decor_equals_simulated_and_noise_cancels(tmp_path, two_proc
     torch.testing.assert_close(trainer.strategy.stack.X, results["X_decor"], atol=TOL, rtol=0)
     z = results["decor_pair_noise"]
     assert float(z.abs().max()) > 0.5 and float(z.sum(0).abs().max()) <= 1e-10 * 1.5 * z.shape[1] ** 0.5
+
+
+@pytest.mark.parametrize("trust", TRUST)
+def test_two_process_trust_weighted_equals_simulated(tmp_path, two_process_results, trust):
+    """TrustWeighted on LoRA clients: P=1 and P=2 (gloo) give the same W and adapters (float64, dropout 0)."""
+    from test_trust_weighted import _fast
+    from test_trust_weighted import _fit as _fit_lm
+
+    _, results = two_process_results
+    trainer = _fit_lm(tmp_path, _fast(trust), steps=4)
+    got = results[f"trust_{trust}"]
+    torch.testing.assert_close(got["W"], trainer.strategy.algorithm.W, atol=TOL, rtol=0)
+    torch.testing.assert_close(got["X"], trainer.strategy.stack.X, atol=TOL, rtol=0)
+    assert trainer.strategy.algorithm.rounds == 3

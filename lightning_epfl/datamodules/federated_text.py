@@ -12,6 +12,7 @@ corpus. Nothing is downloaded: the default corpus is Python's own ``pydoc_data``
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -19,13 +20,14 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_epfl.datamodules.client_data import ClientEvalStream, served_client_ids
 from lightning_epfl.datamodules.streams import ResumableLoader, StreamPosition
 from lightning_epfl.datamodules.text import TextDataModule, TokenBlocks
-from lightning_epfl.seeding import epoch_permutation, loader_generator
+from lightning_epfl.seeding import epoch_permutation, loader_generator, seeded_generator
 
 __all__ = ["FederatedTextDataModule"]
 
@@ -33,9 +35,14 @@ __all__ = ["FederatedTextDataModule"]
 class FederatedTextDataModule(LightningDataModule):
     """Text split over ``n_clients`` clients, served as stacked dict batches of token blocks.
 
-    Sources: ``client_paths[i]`` (files or folders, as ``TextDataModule(paths=...)``) for client ``i``; or, without
-    ``client_paths``, the ``pydoc_data`` topics dealt to the clients: ``partition="contiguous"`` gives each client a
-    run of alphabetically adjacent topics (related subjects, a non-IID split), ``"shuffled"`` a random share.
+    Sources: ``client_paths[i]`` (files or folders, as ``TextDataModule(paths=...)``) for client ``i``; or
+    ``domains`` (see :mod:`~lightning_epfl.datamodules.domains`: ``"prose"``, ``"code"``, ``"german"`` or local
+    paths), where client ``i``'s main domain is ``i mod C`` (``true_clusters``) and ``domain_split="mixed"`` gives it
+    ``1 - mixed_share`` of its text from that domain and ``mixed_share`` from domain ``(i + 1) mod C``
+    (``client_mixture``); ``reference_fraction`` of every domain is held out as a public reference set
+    (:meth:`reference_batches`). Without either, the ``pydoc_data`` topics are dealt to the clients:
+    ``partition="contiguous"`` gives each client a run of alphabetically adjacent topics (related subjects, a
+    non-IID split), ``"shuffled"`` a random share.
 
     Training batch ``k`` of client ``i`` holds ``batch_size`` of its training blocks, in the order of its own per-epoch
     permutation (:func:`lightning_epfl.seeding.epoch_permutation` of ``(seed + i, epoch)``): a pure function of
@@ -51,14 +58,24 @@ class FederatedTextDataModule(LightningDataModule):
         val_fraction: Share of each client's characters held out for validation, in ``(0, 1)``.
         steps_per_epoch: Training batches per epoch; default: the smallest client's full batches.
         seed: Seed of the topic deal, the splits and the batch order.
+        domains: Text domains (``C >= 1``, at most ``n_clients``); mutually exclusive with ``client_paths``. A
+            built-in domain that is absent here (``"german"`` without gettext catalogs) is skipped with a warning.
+        domain_split: ``"specific"`` (one domain per client) or ``"mixed"``.
+        mixed_share: Share of a ``"mixed"`` client's characters from the next domain, in ``(0, 1)``.
+        domain_chars: Characters read per domain (``None``: all; the stdlib alone is several MB).
+        reference_fraction: Share of each domain's characters held out as the public reference set, in ``[0, 1)``.
 
     Attributes:
         vocab_size: The tokenizer's vocabulary size (read by ``CausalLMModule``).
+        true_clusters: With ``domains``: each client's main domain ``[n_clients]``; else ``None``.
+        client_mixture: With ``domains``: the client x domain character shares ``[n_clients][C]``; else ``None``.
+        domain_names: The domains in use (after skipping absent ones).
 
     Raises:
         MisconfigurationException: In ``__init__`` for a bad count or fraction, ``client_paths`` of the wrong length,
             a missing path, or an unresolvable tokenizer; in ``setup`` if a client has less than one block of
-            training or validation text, or fewer pydoc topics than clients.
+            training or validation text, or fewer pydoc topics than clients; for bad ``domains`` arguments (unknown
+            name or missing path, more domains than clients, a share or fraction out of range).
     """
 
     def __init__(
@@ -72,8 +89,15 @@ class FederatedTextDataModule(LightningDataModule):
         val_fraction: float = 0.1,
         steps_per_epoch: int | None = None,
         seed: int = 0,
+        domains: list[str] | None = None,
+        domain_split: Literal["specific", "mixed"] = "specific",
+        mixed_share: float = 0.25,
+        domain_chars: int | None = 200_000,
+        reference_fraction: float = 0.05,
     ) -> None:
         super().__init__()
+        self._check_domains(n_clients, client_paths, domains, domain_split, mixed_share, domain_chars,
+                            reference_fraction)  # fmt: skip
         if n_clients < 1:
             raise MisconfigurationException(f"`n_clients` must be >= 1, got {n_clients}.")
         if client_paths is not None and len(client_paths) != n_clients:
@@ -107,6 +131,50 @@ class FederatedTextDataModule(LightningDataModule):
         self._train: list[TokenBlocks] = []
         self._val: list[TokenBlocks] = []
         self._train_position = StreamPosition(0)
+        self.domains = None if domains is None else list(domains)
+        self.domain_split = domain_split
+        self.mixed_share = mixed_share
+        self.domain_chars = domain_chars
+        self.reference_fraction = reference_fraction
+        self.domain_names: list[str] = []
+        self.true_clusters: list[int] | None = None
+        self.client_mixture: list[list[float]] | None = None
+        self._reference: TokenBlocks | None = None
+        self._reference_docs: list[str] = []
+
+    @staticmethod
+    def _check_domains(
+        n_clients: int,
+        client_paths: Any,
+        domains: list[str] | None,
+        domain_split: str,
+        mixed_share: float,
+        domain_chars: int | None,
+        reference_fraction: float,
+    ) -> None:
+        from lightning_epfl.datamodules.domains import BUILTIN_DOMAINS
+
+        if domain_split not in ("specific", "mixed"):
+            raise MisconfigurationException(f"`domain_split` must be 'specific' or 'mixed', got {domain_split!r}.")
+        if not 0 < mixed_share < 1:
+            raise MisconfigurationException(f"`mixed_share` must be in (0, 1), got {mixed_share}.")
+        if not 0 <= reference_fraction < 1:
+            raise MisconfigurationException(f"`reference_fraction` must be in [0, 1), got {reference_fraction}.")
+        if domain_chars is not None and domain_chars < 1:
+            raise MisconfigurationException(f"`domain_chars` must be >= 1 or None, got {domain_chars}.")
+        if domains is None:
+            return
+        if client_paths is not None:
+            raise MisconfigurationException("Give either `client_paths` or `domains`, not both.")
+        if not domains or len(domains) > n_clients:
+            raise MisconfigurationException(
+                f"`domains` must hold 1 to `n_clients`={n_clients} entries, got {len(domains)}."
+            )
+        for name in domains:
+            if name not in BUILTIN_DOMAINS and not os.path.exists(name):
+                raise MisconfigurationException(
+                    f"`domains` entry {name!r} is neither one of {list(BUILTIN_DOMAINS)} nor an existing path."
+                )
 
     def check_config(self, trainer: Any, pl_module: Any, datamodule: Any = None) -> None:
         """Tokenize and split now, so that a client with too little text fails before the run starts."""
@@ -124,7 +192,16 @@ class FederatedTextDataModule(LightningDataModule):
     def client_documents(self) -> list[list[str]]:
         """Each client's documents (before its train/validation split)."""
         if self.client_paths is not None:
-            return [c.load_documents() for c in self.clients]
+            docs = [c.load_documents() for c in self.clients]
+            for i, d in enumerate(docs):
+                if not any(text.strip() for text in d):
+                    raise MisconfigurationException(
+                        f"client {i}'s `client_paths` {self.client_paths[i]} hold no text files (pattern "
+                        f"{self.clients[i].glob!r}) or only empty ones."
+                    )
+            return docs
+        if self.domains is not None:
+            return self._domain_documents()
         from lightning_epfl.datamodules.text import pydoc_documents
 
         docs = pydoc_documents()
@@ -137,6 +214,93 @@ class FederatedTextDataModule(LightningDataModule):
             random.Random(self.seed).shuffle(order)
         bounds = [round(i * len(docs) / self.n_clients) for i in range(self.n_clients + 1)]
         return [[docs[j] for j in order[bounds[i] : bounds[i + 1]]] for i in range(self.n_clients)]
+
+    def _domain_documents(self) -> list[list[str]]:
+        """Deal each domain's documents (after holding out the reference share) to the clients that read it."""
+        from lightning_epfl.datamodules.domains import domain_available, domain_documents
+
+        assert self.domains is not None
+        names = []
+        for name in self.domains:
+            if domain_available(name):
+                names.append(name)
+            else:
+                rank_zero_warn(f"FederatedTextDataModule: domain {name!r} is not available here; skipped.")
+        if not names:
+            raise MisconfigurationException(f"none of the `domains` {self.domains} is available here.")
+        C, n = len(names), self.n_clients
+        share = self.mixed_share if self.domain_split == "mixed" else 0.0
+        mixture = [[0.0] * C for _ in range(n)]
+        for i in range(n):
+            mixture[i][i % C] += 1.0 - share
+            mixture[i][(i + 1) % C] += share
+        docs_out: list[list[str]] = [[] for _ in range(n)]
+        self._reference_docs = []
+        # pieces small enough that every reader's share holds several (train/validation splits are by document)
+        piece = 4000 if self.domain_chars is None else max(256, min(4000, self.domain_chars // (8 * n)))
+        for c, name in enumerate(names):
+            docs = domain_documents(name, self.domain_chars, self.seed + c, piece_chars=piece)
+            total = sum(len(d) for d in docs)
+            k, held = 0, 0
+            while k < len(docs) - 1 and held < self.reference_fraction * total:
+                held += len(docs[k])
+                k += 1
+            self._reference_docs += docs[:k]
+            docs = docs[k:]
+            # readers of domain c and their weights; cut the documents at the cumulative character quotas
+            readers = [(i, mixture[i][c]) for i in range(n) if mixture[i][c] > 0]
+            weight = sum(w for _, w in readers)
+            rest = sum(len(d) for d in docs)
+            bounds, acc = [], 0.0
+            for _, w in readers:
+                acc += w / weight
+                bounds.append(acc * rest)
+            pos, r = 0, 0
+            for d in docs:
+                while r < len(readers) - 1 and pos >= bounds[r]:
+                    r += 1
+                docs_out[readers[r][0]].append(d)
+                pos += len(d)
+        self.domain_names = names
+        self.true_clusters = [i % C for i in range(n)]
+        self.client_mixture = mixture
+        return docs_out
+
+    def reference_batches(self, n: int) -> list[dict[str, Tensor]]:
+        """``n`` batches ``{"input_ids": [batch_size, block_size]}`` of the public reference set (held out of every
+        domain), the same at every call: the first ``n * batch_size`` blocks of a seeded permutation.
+
+        Raises:
+            MisconfigurationException: Without ``domains``, with ``reference_fraction=0``, or with fewer reference
+                blocks than ``n * batch_size``.
+        """
+        self.setup()
+        if self._reference is None:
+            raise MisconfigurationException(
+                "this datamodule has no public reference set: set `domains` and `reference_fraction` > 0."
+            )
+        need = n * self.batch_size
+        if len(self._reference) < need:
+            raise MisconfigurationException(
+                f"the reference set has {len(self._reference)} blocks, fewer than the {n} x {self.batch_size} asked "
+                "for; raise `reference_fraction` or `domain_chars`, or ask for fewer reference batches."
+            )
+        order = torch.randperm(len(self._reference), generator=seeded_generator(self.seed, "reference"))[:need].tolist()
+        blocks = [self._reference[j]["input_ids"] for j in order]
+        return [{"input_ids": torch.stack(blocks[b * self.batch_size : (b + 1) * self.batch_size])} for b in range(n)]
+
+    def validation_batches(self, client_id: int, n: int, round: int) -> list[dict[str, Tensor]]:
+        """``n`` batches of client ``client_id``'s validation blocks, drawn by ``(seed, client_id, round)`` (the same
+        batches for every model evaluated in one round; with replacement across batches if the client has fewer
+        than ``n * batch_size`` blocks)."""
+        self.setup()
+        blocks = self._val[client_id]
+        g = seeded_generator(self.seed, "trust_validation", client_id, round)
+        need = n * self.batch_size
+        reps = math.ceil(need / len(blocks))
+        idx = torch.cat([torch.randperm(len(blocks), generator=g) for _ in range(reps)])[:need].tolist()
+        stacked = torch.stack([blocks[j]["input_ids"] for j in idx])
+        return [{"input_ids": stacked[b * self.batch_size : (b + 1) * self.batch_size]} for b in range(n)]
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:
@@ -155,6 +319,10 @@ class FederatedTextDataModule(LightningDataModule):
                         f"({self.block_size}); use a smaller `block_size`, fewer clients or more text."
                     )
                 store.append(TokenBlocks(tokens, self.block_size))
+        if self._reference_docs and self.reference_fraction > 0:
+            tokens = self.clients[0]._encode(self._reference_docs)
+            if len(tokens) >= self.block_size:
+                self._reference = TokenBlocks(tokens, self.block_size)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -1,4 +1,5 @@
-"""Pure math, no Lightning: schedules, averaging, ranks, topology, collaborative metrics, CoBo, meta-gradients."""
+"""Pure math, no Lightning: schedules, averaging, ranks, topology, collaborative metrics, CoBo, meta-gradients,
+trust scores and LoRA mixing (``functional.trust``); the privacy accounting lives in ``functional.privacy``."""
 
 from lightning_epfl.functional.collab_metrics import (
     adjusted_rand_index,
@@ -49,8 +50,28 @@ from lightning_epfl.functional.topology import (
     mixing_matrix,
     spectral_gap,
 )
+from lightning_epfl.functional.trust import (
+    lora_product_truncation_error,
+    mix_lora,
+    prediction_distances,
+    prediction_scores,
+    sparsify_top_logits,
+    static_weights,
+    trust_to_weights,
+    validation_scores,
+    weight_similarity_scores,
+)
 
 __all__ = [
+    "lora_product_truncation_error",
+    "mix_lora",
+    "prediction_distances",
+    "prediction_scores",
+    "sparsify_top_logits",
+    "static_weights",
+    "trust_to_weights",
+    "validation_scores",
+    "weight_similarity_scores",
     "adapt_and_predict",
     "adjusted_rand_index",
     "batched_task_grad",

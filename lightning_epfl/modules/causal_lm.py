@@ -8,9 +8,6 @@ parameters with the byte vocabulary, trainable on 2 CPU cores in minutes), or a 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -19,7 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_epfl.models import check_pretrained, resolve_pretrained
-from lightning_epfl.utilities import step_scheduler_config, umask_permissions
+from lightning_epfl.utilities import atomic_directory, step_scheduler_config
 
 DEFAULT_LLAMA_CONFIG: dict[str, Any] = {
     "model_type": "llama",
@@ -86,6 +83,9 @@ class CausalLMModule(LightningModule):
             (``interval="step"``), e.g. ``lightning_epfl.WSDScheduler``.
         lora: ``peft.LoraConfig`` arguments; when given, the model is wrapped with LoRA adapters and only they
             train. ``target_modules`` defaults to ``"all-linear"``.
+        attn_implementation: ``transformers`` attention kernel (``"eager"``, ``"sdpa"``; ``None``: the library's
+            default). ``"eager"`` lets ``torch.func.vmap`` batch clients through attention (collaborative clients
+            with ``execution="vmap"``); fused kernels have no batching rule and fall back to a loop.
 
     Raises:
         MisconfigurationException: If both ``config`` and ``pretrained_path`` are given, ``pretrained_path`` is not
@@ -101,6 +101,7 @@ class CausalLMModule(LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         lora: dict | None = None,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         if config is not None and pretrained_path is not None:
@@ -118,6 +119,7 @@ class CausalLMModule(LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.lora = lora
+        self.attn_implementation = attn_implementation
         self.model: torch.nn.Module | None = None
         self._hf_config: dict | None = None
         self._tokenizer: Any = None
@@ -171,11 +173,21 @@ class CausalLMModule(LightningModule):
             model.train()  # from_pretrained returns eval mode; Lightning switches modes per stage from here on
         else:
             model = AutoModelForCausalLM.from_config(self.build_config(getattr(datamodule, "vocab_size", None)))
+        if self.attn_implementation is not None:
+            model.set_attn_implementation(self.attn_implementation)
         self._hf_config = model.config.to_dict()
         if self.lora is not None:
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(**{"target_modules": "all-linear", **self.lora}))
+            try:
+                model = get_peft_model(model, LoraConfig(**{"target_modules": "all-linear", **self.lora}))
+            except ValueError as err:
+                linear = sorted(
+                    {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+                )
+                raise MisconfigurationException(
+                    f"`lora`: {err} The model's linear layers are {linear} (or use 'all-linear')."
+                ) from err
         self.model = model
         if datamodule is not None and hasattr(datamodule, "tokenizer"):
             self._tokenizer = datamodule.tokenizer
@@ -254,6 +266,12 @@ class CausalLMModule(LightningModule):
         nll_sum, tokens = self._loss_sum(batch)
         return {"nll_sum": nll_sum, "tokens": tokens}
 
+    def client_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of one client's batch, in float32 or wider (pure: runs under ``vmap``; used by
+        prediction-based trust)."""
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
     def metrics_from_sums(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``loss`` = ``nll_sum / tokens`` (nats/token) and ``ppl`` = ``exp(loss)``, per entry of the sums."""
         loss = sums["nll_sum"] / sums["tokens"].clamp_min(1)
@@ -321,21 +339,9 @@ class CausalLMModule(LightningModule):
             import copy
 
             model = copy.deepcopy(model).merge_and_unload()
-        directory = os.path.abspath(directory)
-        parent = os.path.dirname(directory)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
-        try:
+
+        def write(tmp: str) -> None:
             model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            umask_permissions(tmp)
-            old = None
-            if os.path.exists(directory):
-                old = tempfile.mkdtemp(prefix=".old-export-", dir=parent)
-                os.replace(directory, os.path.join(old, "x"))
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        atomic_directory(directory, write)

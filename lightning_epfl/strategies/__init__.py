@@ -18,6 +18,9 @@ from lightning_epfl.strategies.collaborative import (
     SecLDPAccountant,
     StepContext,
     TorchDistributedCommunicator,
+    TrustWeighted,
+    export_client_adapter,
+    load_client_adapters,
 )
 
 __all__ = [
@@ -38,4 +41,7 @@ __all__ = [
     "SecLDPAccountant",
     "StepContext",
     "TorchDistributedCommunicator",
+    "TrustWeighted",
+    "export_client_adapter",
+    "load_client_adapters",
 ]

@@ -330,10 +330,16 @@ class ClientStack:
             ``(G, losses)``: gradients ``[m, d]`` and mean losses ``[m]``.
         """
 
-        def lossfn(x: Tensor, b: Any) -> Tensor:
-            return self._call("client_loss")(x, b)
+        def lossfn(params: dict[str, Tensor], b: Any) -> Tensor:
+            named = {f"module.{k}": v for k, v in params.items()}
+            return functional_call(self._adapter, named, (b, "client_loss"))
 
-        G, losses = self._map(grad_and_value(lossfn), rows.detach(), batch)
+        def one(x: Tensor, b: Any) -> tuple[Tensor, Tensor]:
+            # differentiating the per-tensor views (not the flat row) spares a zero-filled [d] gradient per tensor
+            grads, loss = grad_and_value(lossfn)(self.unflatten(x), b)
+            return torch.cat([grads[s.name].reshape(-1) for s in self.layout]), loss
+
+        G, losses = self._map(one, rows.detach(), batch)
         return G, losses
 
     def clipped_example_grad_sum(self, rows: Tensor, batch: Any, clip_norm: float) -> tuple[Tensor, Tensor]:
@@ -377,6 +383,24 @@ class ClientStack:
         """``client_metrics`` per row: ``{name: [m]}`` sums for rows ``[m, d]`` and a stacked batch."""
         with torch.no_grad():
             return self._map(self._call("client_metrics"), rows.detach(), batch)
+
+    def call(self, hook: str, rows: Tensor, batch: Any, transform: Callable[[Any], Any] | None = None) -> Any:
+        """A client hook (a module method taking one batch) per row, without gradient.
+
+        Args:
+            hook: Name of the module method, e.g. ``"client_logits"``.
+            rows: Flat parameters ``[m, d]``.
+            batch: Stacked batch with leading dimension ``m``.
+            transform: Applied to each row's output inside the map (e.g. a top-k that keeps the full output of all
+                rows from being materialized at once).
+
+        Returns:
+            The (transformed) outputs stacked over rows.
+        """
+        f = self._call(hook)
+        g = f if transform is None else (lambda x, b: transform(f(x, b)))
+        with torch.no_grad():
+            return self._map(g, rows.detach(), batch)
 
     def row_state_dict(self, row: Tensor) -> dict[str, Tensor]:
         """One client's trainable tensors (``{name: [*S]}``) from a flat row ``[d]``."""
