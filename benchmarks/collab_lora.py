@@ -153,7 +153,7 @@ def _base_ppl(seed: int, block_size: int) -> list[float]:
     strategy = CollaborativeStrategy(algorithm=TrustWeighted(trust="local"), log_per_client=True)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=8)  # fmt: skip
-    trainer.validate(_module(), dm)
+    trainer.validate(_module(), dm, verbose=False)
     return [float(trainer.callback_metrics[f"val/ppl_client_{i}"]) for i in range(6)]
 
 

@@ -110,24 +110,44 @@ def umask_permissions(folder: str | os.PathLike) -> None:
         os.chmod(child, (0o777 if child.is_dir() else 0o666) & ~umask)
 
 
+EXPORT_MARKER = ".lightning-epfl-export"
+"""File in every folder written by :func:`atomic_directory` (marks it as safe to replace by a later export)."""
+
+
 def atomic_directory(directory: str | os.PathLike, write: Callable[[str], Any]) -> str:
     """Build a folder under a temporary name beside ``directory`` with ``write(tmp)``, then rename it into place.
 
-    An existing ``directory`` is moved aside first and deleted only after the new one is in place, so a crash leaves
-    either the old folder or the new one (plus a hidden ``.old-*``/``.tmp-*`` folder), never a half-written one.
+    An existing ``directory`` is replaced only if it is empty or an earlier export (it holds the
+    :data:`EXPORT_MARKER` file every export writes); it is moved aside first and deleted only after the new one is in
+    place, so a crash leaves either the old folder or the new one (plus a hidden ``.old-*``/``.tmp-*`` folder), never
+    a half-written one.
 
     Returns:
         The absolute path of ``directory``.
+
+    Raises:
+        FileExistsError: If ``directory`` is a file, or a non-empty folder that no export wrote (nothing is touched).
     """
     import shutil
     import tempfile
 
     directory = os.path.abspath(directory)
+    if os.path.lexists(directory):
+        if not os.path.isdir(directory):
+            raise FileExistsError(f"{directory!r} is a file; give a folder path for the export.")
+        entries = os.listdir(directory)
+        if entries and EXPORT_MARKER not in entries:
+            raise FileExistsError(
+                f"{directory!r} already holds files that no export wrote ({sorted(entries)[:3]}...); an export "
+                "replaces its whole folder, so choose a new or empty folder."
+            )
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
     try:
         write(tmp)
+        with open(os.path.join(tmp, EXPORT_MARKER), "w") as fh:
+            fh.write("written by lightning-epfl; the folder is replaced whole by the next export here\n")
         umask_permissions(tmp)
         old = None
         if os.path.exists(directory):

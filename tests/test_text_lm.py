@@ -152,8 +152,14 @@ def test_causal_lm_loss_matches_transformers_and_roundtrip(tmp_path):
     assert torch.allclose(ours[0] / ours[1], ref, atol=1e-5)
     out = tmp_path / "export"
     out.mkdir()
-    (out / "stale.txt").write_text("old export")
+    (out / "mine.txt").write_text("not an export")
+    with pytest.raises(FileExistsError, match="no export wrote"):  # a folder the export did not write is kept
+        model.save_pretrained(str(out))
+    assert (out / "mine.txt").read_text() == "not an export"
+    (out / "mine.txt").unlink()
     model.save_pretrained(str(out))
+    (out / "stale.txt").write_text("left in an earlier export")
+    model.save_pretrained(str(out))  # an earlier export is replaced whole
     assert not (out / "stale.txt").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
     with torch.no_grad():

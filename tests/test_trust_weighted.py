@@ -4,6 +4,7 @@ files, batched vs looped clients, resume, the text domains, and bad input."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from functools import partial
 
@@ -24,7 +25,7 @@ from lightning_epfl.strategies import (
     export_client_adapter,
     load_client_adapters,
 )
-from lightning_epfl.strategies.collaborative.trust_weighted import group_mass
+from lightning_epfl.strategies.collaborative.trust_weighted import group_mass, peer_group_mass
 
 TINY = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2}
 
@@ -72,8 +73,11 @@ def test_rounds_happen_after_warmup_every_k_steps():
 
 def test_group_mass_hand_computed():
     W = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.25, 0.25, 0.5]], dtype=torch.float64)
-    # clusters [0, 0, 1]: rows 0.8, 0.7, 0.5
-    assert group_mass(W, torch.tensor([0, 0, 1])) == pytest.approx((0.8 + 0.7 + 0.5) / 3, abs=1e-12)
+    clusters = torch.tensor([0, 0, 1])
+    # self included: rows 0.8, 0.7, 0.5; others only: 0.3/0.5, 0.1/0.4, 0/0.5
+    assert group_mass(W, clusters) == pytest.approx((0.8 + 0.7 + 0.5) / 3, abs=1e-12)
+    assert peer_group_mass(W, clusters) == pytest.approx((0.6 + 0.25 + 0.0) / 3, abs=1e-12)
+    assert math.isnan(peer_group_mass(torch.eye(3, dtype=torch.float64), clusters))  # local: undefined
 
 
 # ----------------------------------------------------------------------------------------------------- baselines
@@ -132,7 +136,7 @@ def test_only_lora_tensors_change_and_adapters_export_and_reload(tmp_path):
     assert float(trainer.callback_metrics["comm/bytes"]) > 2 * expected * 8  # two rounds of adapters + top logits
 
     out = export_client_adapter(strategy, 2, tmp_path / "client2")
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out)) == [".lightning-epfl-export", "adapter_config.json", "adapter_model.safetensors"]
     assert json.load(open(os.path.join(out, "adapter_config.json")))["r"] == r
     cfg = dict(module._hf_config)
     fresh = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).double()
@@ -215,7 +219,8 @@ def test_domains_split_mixture_reference_and_validation_batches():
                                  batch_size=2, domain_chars=20000)  # fmt: skip
     docs = dm.client_documents()
     assert dm.true_clusters == [0, 1, 0, 1]
-    assert dm.client_mixture == [[0.75, 0.25], [0.25, 0.75], [0.75, 0.25], [0.25, 0.75]]
+    want = [[0.75, 0.25], [0.25, 0.75], [0.75, 0.25], [0.25, 0.75]]
+    assert all(a == pytest.approx(b, abs=0.06) for a, b in zip(dm.client_mixture, want))  # pieces of ~600 chars
     reference = set(dm._reference_docs)
     assert reference and not any(d in reference for client in docs for d in client)
     code = set(domain_documents("code", 20000, seed=1, piece_chars=625))  # domain 1, pieces of 20000 / (8 x 4)
@@ -248,11 +253,26 @@ def test_bad_input_is_named(tmp_path):
         TrustWeighted(trust="oracle")
     with pytest.raises(MisconfigurationException, match="`communicate_every` must be an integer >= 1"):
         TrustWeighted(communicate_every=0)
-    with pytest.raises(MisconfigurationException, match="`temperature` must be > 0"):
-        TrustWeighted(temperature=0.0)
+    for kwargs, match in [
+        ({"temperature": 0.0}, "`temperature` must be a finite number > 0"),
+        ({"temperature": math.inf}, "`temperature` must be a finite number > 0"),
+        ({"prediction_scale": math.inf}, "`prediction_scale` must be a finite number > 0"),
+        ({"top_k": 2.5}, "`top_k` must be an integer"),
+        ({"top_k": True}, "`top_k` must be an integer"),
+        ({"threshold": math.nan}, "`threshold` must be a finite number"),
+        ({"communicate_every": None}, "`communicate_every` must be an integer >= 1"),
+    ]:
+        with pytest.raises(MisconfigurationException, match=match):
+            TrustWeighted(**kwargs)
+    with pytest.raises(MisconfigurationException, match="`prediction_top_logits`=100000 exceeds the vocabulary"):
+        _fit(tmp_path / "q", _fast("prediction", prediction_top_logits=100000))
+    with pytest.warns(UserWarning, match="no aggregation round will happen"):
+        _fit(tmp_path / "w", _fast("fedavg", warmup_steps=50), steps=2)
+    with pytest.raises(MisconfigurationException, match="must not repeat a domain"):
+        FederatedTextDataModule(n_clients=2, domains=["prose", "prose"])
     # prediction trust without a reference set: refused before training
     no_ref = FederatedTextDataModule(n_clients=4, block_size=16, batch_size=2, steps_per_epoch=2)
-    with pytest.raises(MisconfigurationException, match="no public reference set"):
+    with pytest.raises(MisconfigurationException, match="trust='prediction': this datamodule has no public reference"):
         _fit(tmp_path / "p", _fast("prediction"), dm=no_ref)
     with pytest.raises(MisconfigurationException, match="`static_mixture` must be \\[n_clients=4\\]"):
         _fit(tmp_path / "s", _fast("static", static_mixture=[[1.0, 0.0]]))
@@ -328,3 +348,58 @@ def test_save_pretrained_under_the_strategy_needs_lora(tmp_path):
     with pytest.raises(MisconfigurationException, match="no `lora` settings"):
         trainer.fit(plain, _data())
     assert plain.model is None or all(p.grad is None for p in plain.parameters())
+
+
+def test_resume_with_lora_dropout_is_exact(tmp_path):
+    """Dropout masks are a function of (seed, step): a run resumed mid-way with lora_dropout > 0 equals a straight
+    run bit for bit."""
+
+    def fit(root, steps, ckpt=None):
+        strategy = CollaborativeStrategy(algorithm=_fast("fedavg"), seed=1, client_init="independent")
+        trainer = L.Trainer(default_root_dir=root, max_steps=steps, strategy=strategy, accelerator="cpu",
+                            precision="64-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+        trainer.fit(_module(dropout=0.3), _data(), ckpt_path=ckpt)
+        return trainer
+
+    first = fit(tmp_path / "a", 3)
+    first.save_checkpoint(tmp_path / "mid.ckpt")
+    torch.manual_seed(123)  # a different global RNG state at resume must not matter
+    resumed = fit(tmp_path / "b", 6, str(tmp_path / "mid.ckpt"))
+    straight = fit(tmp_path / "c", 6)
+    torch.testing.assert_close(resumed.strategy.stack.X, straight.strategy.stack.X, atol=0, rtol=0)
+    undropped = CollaborativeStrategy(algorithm=_fast("fedavg"), seed=1, client_init="independent")
+    tr = L.Trainer(default_root_dir=tmp_path / "d", max_steps=6, strategy=undropped, accelerator="cpu",
+                   precision="64-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    tr.fit(_module(dropout=0.0), _data())
+    assert not torch.allclose(undropped.stack.X, straight.strategy.stack.X)  # dropout was active
+
+
+def test_export_never_replaces_a_foreign_folder_and_adapter_settings_are_checked(tmp_path):
+    """An export refuses a folder it did not write (and a file); loading checks lora_alpha and writes no row unless
+    every folder is valid; the export loads with AutoPeftModelForCausalLM."""
+    tr = _fit(tmp_path / "run", _fast("fedavg"), steps=3)
+    strategy = tr.strategy
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="no export wrote"):
+        export_client_adapter(strategy, 0, project)
+    assert (project / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError, match="is a file"):
+        export_client_adapter(strategy, 0, project / "notes.txt")
+    paths = [export_client_adapter(strategy, i, tmp_path / f"c{i}") for i in range(4)]
+    export_client_adapter(strategy, 0, paths[0])  # an earlier export is replaced
+    config = json.load(open(os.path.join(paths[3], "adapter_config.json")))
+    assert config["task_type"] == "CAUSAL_LM"
+    config["lora_alpha"] = 64
+    json.dump(config, open(os.path.join(paths[3], "adapter_config.json"), "w"))
+    before = strategy.stack.X.detach().clone()
+    with torch.no_grad():
+        strategy.stack.X.add_(1.0)
+    changed = strategy.stack.X.detach().clone()
+    with pytest.raises(MisconfigurationException, match="client 3's adapter .* `lora_alpha`=64"):
+        load_client_adapters(strategy, paths)
+    torch.testing.assert_close(strategy.stack.X, changed, atol=0, rtol=0)  # nothing written
+    assert not torch.equal(before, changed)

@@ -68,7 +68,9 @@ class FederatedTextDataModule(LightningDataModule):
     Attributes:
         vocab_size: The tokenizer's vocabulary size (read by ``CausalLMModule``).
         true_clusters: With ``domains``: each client's main domain ``[n_clients]``; else ``None``.
-        client_mixture: With ``domains``: the client x domain character shares ``[n_clients][C]``; else ``None``.
+        client_mixture: With ``domains``: the measured client x domain character shares ``[n_clients][C]`` (every
+            domain is cut to the smallest one's size, so they are the nominal split up to document granularity);
+            else ``None``.
         domain_names: The domains in use (after skipping absent ones).
 
     Raises:
@@ -170,6 +172,8 @@ class FederatedTextDataModule(LightningDataModule):
             raise MisconfigurationException(
                 f"`domains` must hold 1 to `n_clients`={n_clients} entries, got {len(domains)}."
             )
+        if len(set(domains)) != len(domains):
+            raise MisconfigurationException(f"`domains` must not repeat a domain, got {domains}.")
         for name in domains:
             if name not in BUILTIN_DOMAINS and not os.path.exists(name):
                 raise MisconfigurationException(
@@ -238,9 +242,19 @@ class FederatedTextDataModule(LightningDataModule):
         self._reference_docs = []
         # pieces small enough that every reader's share holds several (train/validation splits are by document)
         piece = 4000 if self.domain_chars is None else max(256, min(4000, self.domain_chars // (8 * n)))
-        for c, name in enumerate(names):
-            docs = domain_documents(name, self.domain_chars, self.seed + c, piece_chars=piece)
-            total = sum(len(d) for d in docs)
+        pools = [domain_documents(name, self.domain_chars, self.seed + c, piece_chars=piece) for c, name in
+                 enumerate(names)]  # fmt: skip
+        # equal characters per domain (the smallest domain's), so that client shares are the nominal mixture
+        cap = min(sum(len(d) for d in docs) for docs in pools)
+        chars = [[0.0] * C for _ in range(n)]
+        for c, docs in enumerate(pools):
+            kept, total = [], 0
+            for d in docs:
+                if total >= cap:
+                    break
+                kept.append(d[: cap - total])
+                total += len(kept[-1])
+            docs = kept
             k, held = 0, 0
             while k < len(docs) - 1 and held < self.reference_fraction * total:
                 held += len(docs[k])
@@ -260,10 +274,12 @@ class FederatedTextDataModule(LightningDataModule):
                 while r < len(readers) - 1 and pos >= bounds[r]:
                     r += 1
                 docs_out[readers[r][0]].append(d)
+                chars[readers[r][0]][c] += len(d)
                 pos += len(d)
         self.domain_names = names
         self.true_clusters = [i % C for i in range(n)]
-        self.client_mixture = mixture
+        # the measured character shares (the nominal ones up to document granularity)
+        self.client_mixture = [[x / max(sum(row), 1.0) for x in row] for row in chars]
         return docs_out
 
     def reference_batches(self, n: int) -> list[dict[str, Tensor]]:

@@ -82,7 +82,8 @@ class CausalLMModule(LightningModule):
         lr_scheduler: Scheduler factory called with the optimizer; stepped once per optimizer step
             (``interval="step"``), e.g. ``lightning_epfl.WSDScheduler``.
         lora: ``peft.LoraConfig`` arguments; when given, the model is wrapped with LoRA adapters and only they
-            train. ``target_modules`` defaults to ``"all-linear"``.
+            train. ``target_modules`` defaults to ``"all-linear"`` and ``task_type`` to ``"CAUSAL_LM"`` (exported
+            adapters then load with ``AutoPeftModelForCausalLM``).
         attn_implementation: ``transformers`` attention kernel (``"eager"``, ``"sdpa"``; ``None``: the library's
             default). ``"eager"`` lets ``torch.func.vmap`` batch clients through attention (collaborative clients
             with ``execution="vmap"``); fused kernels have no batching rule and fall back to a loop.
@@ -180,7 +181,8 @@ class CausalLMModule(LightningModule):
             from peft import LoraConfig, get_peft_model
 
             try:
-                model = get_peft_model(model, LoraConfig(**{"target_modules": "all-linear", **self.lora}))
+                settings = {"target_modules": "all-linear", "task_type": "CAUSAL_LM", **self.lora}
+                model = get_peft_model(model, LoraConfig(**settings))
             except ValueError as err:
                 linear = sorted(
                     {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -86,51 +86,63 @@ def load_client_adapters(strategy: Any, directories: Sequence[str | os.PathLike]
 
     Args:
         strategy: A set-up ``CollaborativeStrategy`` whose module wraps its model with LoRA.
-        directories: ``n_clients`` folders written by :func:`export_client_adapter` or ``PeftModel.save_pretrained``.
+        directories: ``n_clients`` folders written by :func:`export_client_adapter` or ``PeftModel.save_pretrained``
+            (safetensors or ``.bin`` weights, read by peft's ``load_peft_weights``).
 
     Raises:
         MisconfigurationException: If the count differs from ``n_clients``, a folder lacks the adapter files, an
-            adapter's rank differs from the module's, or its tensors miss or add keys or differ in shape.
+            adapter's rank, ``lora_alpha``, ``use_rslora``, ``use_dora`` or ``fan_in_fan_out`` differs from the
+            module's, or its tensors miss or add keys or differ in shape. Every folder is checked before any row is
+            written.
     """
-    from safetensors.torch import load_file
+    from peft.utils import load_peft_weights
 
     model = _peft_model(strategy)
     if len(directories) != strategy.n_clients:
         raise MisconfigurationException(
             f"`directories` must hold one adapter folder per client ({strategy.n_clients}), got {len(directories)}."
         )
-    rank = model.peft_config[_ADAPTER].r
+    own = model.peft_config[_ADAPTER]
     stack = strategy.stack
     expected = {_peft_key(s.name): s for s in stack.layout}
     local = {c: p for p, c in enumerate(strategy.local_client_ids)}
-    for i, folder in enumerate(directories):
+    rows: dict[int, dict[str, torch.Tensor]] = {}
+    for i, folder in enumerate(directories):  # check every folder before writing any row
         config_path = os.path.join(folder, "adapter_config.json")
-        weights = os.path.join(folder, "adapter_model.safetensors")
-        if not (os.path.isfile(config_path) and os.path.isfile(weights)):
-            raise MisconfigurationException(
-                f"`directories[{i}]` ({folder!r}) has no adapter_config.json + adapter_model.safetensors."
-            )
+        if not os.path.isfile(config_path):
+            raise MisconfigurationException(f"`directories[{i}]` ({folder!r}) has no adapter_config.json.")
         with open(config_path, encoding="utf-8") as fh:
-            r = json.load(fh).get("r")
-        if r != rank:
+            config = json.load(fh)
+        if config.get("r") != own.r:
             raise MisconfigurationException(
-                f"client {i}'s adapter ({folder!r}) has LoRA rank {r}, the module's adapters have rank {rank}; every "
-                "client must use the same rank."
+                f"client {i}'s adapter ({folder!r}) has LoRA rank {config.get('r')}, the module's adapters have rank "
+                f"{own.r}; every client must use the same rank."
             )
-        tensors = load_file(weights)
+        for key in ("lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out"):
+            if key in config and config[key] != getattr(own, key, None):
+                raise MisconfigurationException(
+                    f"client {i}'s adapter ({folder!r}) has `{key}`={config[key]!r}, the module's adapters "
+                    f"{getattr(own, key, None)!r}: the adapter would be scaled or applied differently."
+                )
+        try:
+            tensors = load_peft_weights(str(folder), device="cpu")
+        except (OSError, ValueError) as err:
+            raise MisconfigurationException(f"client {i}'s adapter ({folder!r}) cannot be read: {err}") from err
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or unexpected:
             raise MisconfigurationException(
                 f"client {i}'s adapter ({folder!r}) does not match the model: {len(missing)} missing keys "
                 f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}."
             )
-        if i not in local:
-            continue
-        with torch.no_grad():
+        for key, slot in expected.items():
+            if tuple(tensors[key].shape) != slot.shape:
+                raise MisconfigurationException(
+                    f"client {i}'s adapter tensor {key} has shape {tuple(tensors[key].shape)}, the model's "
+                    f"{slot.shape}."
+                )
+        if i in local:
+            rows[i] = tensors
+    with torch.no_grad():
+        for i, tensors in rows.items():
             for key, slot in expected.items():
-                t = tensors[key]
-                if tuple(t.shape) != slot.shape:
-                    raise MisconfigurationException(
-                        f"client {i}'s adapter tensor {key} has shape {tuple(t.shape)}, the model's {slot.shape}."
-                    )
-                stack.X[local[i], slot.offset : slot.offset + slot.numel] = t.reshape(-1).to(stack.X)
+                stack.X[local[i], slot.offset : slot.offset + slot.numel] = tensors[key].reshape(-1).to(stack.X)

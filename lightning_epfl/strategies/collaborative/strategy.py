@@ -20,7 +20,8 @@ process's dataloader must yield batches stacked over ``strategy.local_client_ids
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -37,6 +38,7 @@ import lightning_epfl.strategies.collaborative.algorithm as _alg
 from lightning_epfl._lightning_compat import InProcessWhenSimulated, optimizers_to_device
 from lightning_epfl.checkpoint_io import AtomicCheckpointIO
 from lightning_epfl.functional.topology import Topology, mixing_matrix
+from lightning_epfl.seeding import derive_seed
 from lightning_epfl.strategies.collaborative.communicator import (
     Communicator,
     LocalCommunicator,
@@ -447,7 +449,7 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
     def training_step(self, *args: Any, **kwargs: Any) -> Tensor:
         batch = args[0] if args else kwargs["batch"]
         ctx = self._refresh_ctx()
-        with self.precision_plugin.train_step_context():
+        with self.precision_plugin.train_step_context(), self._step_rng(ctx.step):
             G, losses = self.algorithm.compute_gradients(ctx, batch)
             ctx.G = G
             params = self.stack.parameters()
@@ -459,6 +461,16 @@ class CollaborativeStrategy(InProcessWhenSimulated, DDPStrategy):
                 mean_loss = self.comm.all_reduce(losses.detach().sum()) / self.n_clients
                 self.lightning_module.log("train/loss", mean_loss, prog_bar=True)
             return losses.mean().detach() + s - s.detach()
+
+    @contextmanager
+    def _step_rng(self, step: int) -> Iterator[None]:
+        """The global RNG forked and seeded by ``(seed, step, process)`` for the step's forward passes: dropout masks
+        are a function of the step, so a resumed run draws what the uninterrupted one drew (the caller's RNG state is
+        restored afterwards)."""
+        devices = [self.root_device] if self.root_device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.root_device.type):
+            torch.manual_seed(derive_seed(self.seed, "step_rng", step, self.global_rank))
+            yield
 
     @override
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:

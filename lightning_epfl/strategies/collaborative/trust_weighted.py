@@ -11,10 +11,12 @@ validation performance on the client's own data; plus the local, FedAvg and fixe
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
@@ -55,7 +57,8 @@ class TrustWeighted(CollaborativeAlgorithm):
     ``CollaborativeStrategy(topology=...)``, pairs that are not neighbours get weight 0.
 
     Logged at each round: ``trust/self_weight`` and ``trust/row_entropy`` (means over clients), ``trust/group_mass``
-    (weight on same-domain clients, self included, with ``datamodule.true_clusters``), ``comm/bytes`` (cumulative
+    (weight on same-domain clients, self included, with ``datamodule.true_clusters``), ``trust/peer_group_mass``
+    (share of the weight on other clients that goes to same-domain ones), ``comm/bytes`` (cumulative
     bytes one client has sent: its adapter each round, plus its top logits for prediction trust). The last ``W``
     is the collaboration matrix (heatmaps through ``CollaborationMatrixLogger``).
 
@@ -123,13 +126,15 @@ class TrustWeighted(CollaborativeAlgorithm):
             "validation_batches": (validation_batches, 1),
         }
         for arg, (value, low) in minimum.items():
-            if int(value) != value or value < low:
-                raise MisconfigurationException(f"`{arg}` must be an integer >= {low}, got {value}.")
+            if not _is_int(value) or value < low:
+                raise MisconfigurationException(f"`{arg}` must be an integer >= {low}, got {value!r}.")
         for arg, value in (("temperature", temperature), ("prediction_scale", prediction_scale)):
-            if not value > 0:
-                raise MisconfigurationException(f"`{arg}` must be > 0, got {value}.")
-        if top_k is not None and top_k < 1:
-            raise MisconfigurationException(f"`top_k` must be >= 1 or None, got {top_k}.")
+            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise MisconfigurationException(f"`{arg}` must be a finite number > 0, got {value!r}.")
+        if top_k is not None and (not _is_int(top_k) or top_k < 1):
+            raise MisconfigurationException(f"`top_k` must be an integer >= 1 or None, got {top_k!r}.")
+        if threshold is not None and (not isinstance(threshold, (int, float)) or not math.isfinite(threshold)):
+            raise MisconfigurationException(f"`threshold` must be a finite number or None, got {threshold!r}.")
         self.trust = trust
         self.warmup_steps = int(warmup_steps)
         self.communicate_every = int(communicate_every)
@@ -159,6 +164,13 @@ class TrustWeighted(CollaborativeAlgorithm):
         self, trainer: Any, pl_module: Any, datamodule: Any, n_clients: int, topology: Topology | None
     ) -> None:
         """Before the run: the data each scheme needs (reference set, validation batches, mixture)."""
+        max_steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
+        if self.trust != "local" and max_steps is not None and 0 < max_steps < max(self.warmup_steps, 1):
+            rank_zero_warn(
+                f"TrustWeighted: `warmup_steps`={self.warmup_steps} >= `max_steps`={max_steps}: no aggregation round "
+                "will happen (every client trains alone).",
+                category=UserWarning,
+            )
         if self.trust == "prediction":
             fn = getattr(datamodule, "reference_batches", None)
             if fn is None:
@@ -166,7 +178,15 @@ class TrustWeighted(CollaborativeAlgorithm):
                     "trust='prediction' needs a public reference set: a datamodule with `reference_batches(n)` "
                     "(FederatedTextDataModule(domains=..., reference_fraction > 0))."
                 )
-            fn(self.reference_batches)  # raises if the set is missing or too small
+            try:
+                fn(self.reference_batches)  # raises if the set is missing or too small
+            except MisconfigurationException as err:
+                raise MisconfigurationException(f"trust='prediction': {err}") from err
+            vocab = getattr(datamodule, "vocab_size", None)
+            if vocab is not None and self.prediction_top_logits > vocab:
+                raise MisconfigurationException(
+                    f"`prediction_top_logits`={self.prediction_top_logits} exceeds the vocabulary size ({vocab})."
+                )
         if self.trust == "validation" and getattr(datamodule, "validation_batches", None) is None:
             raise MisconfigurationException(
                 "trust='validation' needs a datamodule with `validation_batches(client_id, n, round)` "
@@ -338,6 +358,9 @@ class TrustWeighted(CollaborativeAlgorithm):
         }
         if self._clusters is not None and len(self._clusters) == W.shape[0]:
             out["trust/group_mass"] = group_mass(W, self._clusters)
+            peers = peer_group_mass(W, self._clusters)
+            if not math.isnan(peers):
+                out["trust/peer_group_mass"] = peers
         return out
 
     def step_metrics(self) -> dict[str, float]:
@@ -366,6 +389,23 @@ def group_mass(W: Tensor, clusters: Tensor) -> float:
     """Mean over rows of the weight on same-group columns (self included): ``mean_i sum_{j: c_j = c_i} W_ij``."""
     same = (clusters[:, None] == clusters[None, :]).to(W)
     return float((W * same).sum(1).mean())
+
+
+def peer_group_mass(W: Tensor, clusters: Tensor) -> float:
+    """Share of the weight on *other* clients that goes to same-group clients, averaged over the rows that give any
+    weight to others (``nan`` if none does): 1 for the oracle, ``(g - 1) / (n - 1)`` for FedAvg with groups of
+    ``g``, undefined for local training; unlike :func:`group_mass` it does not count the self-weight."""
+    same = (clusters[:, None] == clusters[None, :]).to(W)
+    off = 1.0 - torch.eye(W.shape[0], dtype=W.dtype)
+    others = (W * off).sum(1)
+    rows = others > 1e-12
+    if not bool(rows.any()):
+        return float("nan")
+    return float(((W * same * off).sum(1)[rows] / others[rows]).mean())
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _masked_rows(W: Tensor, mask: Tensor | None) -> Tensor:
