@@ -12,8 +12,9 @@ Two parts, each printed as a table:
    clients, one domain per client; ``CollaborativeStrategy(algorithm=TrustWeighted(trust=...))`` for local-only,
    FedAvg, weight / validation / prediction trust and the static oracle; AdamW (lr 2e-3, betas (0.9, 0.95), weight
    decay 1e-3), LoRA r = 4, alpha 32, dropout 0.1; S steps, aggregation every ``--every`` steps after ``--warmup``.
-   Printed: the final own-domain validation perplexity of every client (mean and per domain), and the same-domain
-   trust mass ``trust/group_mass`` (mean weight on same-domain clients, self included) at the last round.
+   Printed: the final own-domain validation perplexity of every client (mean, per domain, and the mean paired
+   difference to local training over the same seeds), the same-domain trust mass ``trust/group_mass`` (mean weight on
+   same-domain clients, self included) and the same-domain share of the weight on *other* clients at the last round.
 
 Usage::
 
@@ -42,6 +43,7 @@ import torch
 from lightning_epfl.datamodules import FederatedTextDataModule
 from lightning_epfl.modules import CausalLMModule
 from lightning_epfl.strategies import ClientStack, CollaborativeStrategy, TrustWeighted
+from lightning_epfl.strategies.collaborative.trust_weighted import peer_group_mass
 from lightning_epfl.utilities import atomic_write_bytes
 
 MODEL = "smollm2-135m-instruct"
@@ -145,7 +147,16 @@ def _run_scheme(name: str, seed: int, steps: int, warmup: int, every: int, block
     trainer.fit(_module(), dm)
     ppl = [float(trainer.callback_metrics[f"val/ppl_client_{i}"]) for i in range(6)]
     mass = float(trainer.callback_metrics.get("trust/group_mass", float("nan")))
-    return {"ppl": ppl, "mass": mass, "seconds": time.time() - t, "W": algo.W.tolist() if algo.W is not None else None}
+    W = algo.W.tolist() if algo.W is not None else None
+    return {"ppl": ppl, "mass": mass, "seconds": time.time() - t, "W": W}
+
+
+def _peer_mass(run: dict) -> float:
+    """Share of the weight on other clients that goes to same-domain ones (``nan`` for local training)."""
+    if run["W"] is None:
+        return float("nan")
+    clusters = torch.tensor([i % len(DOMAINS) for i in range(len(run["W"]))])
+    return peer_group_mass(torch.tensor(run["W"], dtype=torch.float64), clusters)
 
 
 def _base_ppl(seed: int, block_size: int) -> list[float]:
@@ -157,6 +168,43 @@ def _base_ppl(seed: int, block_size: int) -> list[float]:
     return [float(trainer.callback_metrics[f"val/ppl_client_{i}"]) for i in range(6)]
 
 
+_HEADER = (
+    "| scheme | mean own-domain ppl (sd over seeds) | prose / code / german | vs local (paired) | "
+    "same-domain mass (self incl.) | same-domain share of peer weight | s/run |\n|---|---|---|---|---|---|---|"
+)
+
+
+def _row(name: str, record: dict) -> str:
+    """One table row from the recorded runs of ``name`` (paired differences against the recorded local runs)."""
+    runs = record["runs"][name]
+    means = [statistics.mean(r["ppl"]) for r in runs]
+    doms = [statistics.mean(p for r in runs for p in r["ppl"][c::3]) for c in range(3)]
+    sd = statistics.stdev(means) if len(means) > 1 else 0.0
+    peers = [_peer_mass(r) for r in runs]
+    peer = "-" if any(p != p for p in peers) else f"{statistics.mean(peers):.2f}"
+    local = record["runs"].get("local")
+    paired = "-"
+    if local is not None and name != "local":
+        paired = f"{statistics.mean(m - statistics.mean(r['ppl']) for m, r in zip(means, local)):+.2f}"
+    return (
+        f"| {name} | {statistics.mean(means):.2f} ± {sd:.2f} | {doms[0]:.2f} / {doms[1]:.2f} / {doms[2]:.2f} | "
+        f"{paired} | {statistics.mean(r['mass'] for r in runs):.2f} | {peer} | "
+        f"{statistics.mean(r['seconds'] for r in runs):.0f} |"
+    )
+
+
+def report(path: str) -> None:
+    """Print the schemes table from a saved record (``--report``)."""
+    with open(path) as fh:
+        record = json.load(fh)
+    base = record["base"]
+    per_domain = " / ".join(f"{statistics.mean(base[c::3]):.2f}" for c in range(3))
+    print(f"base model own-domain validation perplexity: mean {statistics.mean(base):.2f} ({per_domain})\n")
+    print(_HEADER)
+    for name in record["runs"]:
+        print(_row(name, record))
+
+
 def part_schemes(
     seeds: list[int], steps: int, warmup: int, every: int, block_size: int, out: str, schemes: list[str]
 ) -> None:
@@ -166,19 +214,11 @@ def part_schemes(
     per_domain = [statistics.mean(base[c::3]) for c in range(3)]
     print(f"base model (no fine-tuning), own-domain validation perplexity: mean {statistics.mean(base):.2f} "
           f"(prose {per_domain[0]:.2f} / code {per_domain[1]:.2f} / german {per_domain[2]:.2f})\n")  # fmt: skip
-    print("| scheme | mean own-domain ppl (sd over seeds) | prose / code / german | same-domain trust mass | s/run |")
-    print("|---|---|---|---|---|")
+    print(_HEADER)
     record: dict = {"base": base, "runs": {}}
     for name in schemes:
-        runs = [_run_scheme(name, s, steps, warmup, every, block_size) for s in seeds]
-        record["runs"][name] = runs
-        means = [statistics.mean(r["ppl"]) for r in runs]
-        doms = [statistics.mean(p for r in runs for p in r["ppl"][c::3]) for c in range(3)]
-        sd = statistics.stdev(means) if len(means) > 1 else 0.0
-        mass = statistics.mean(r["mass"] for r in runs)
-        secs = statistics.mean(r["seconds"] for r in runs)
-        print(f"| {name} | {statistics.mean(means):.2f} ± {sd:.2f} | {doms[0]:.2f} / {doms[1]:.2f} / {doms[2]:.2f} "
-              f"| {mass:.2f} | {secs:.0f} |", flush=True)  # fmt: skip
+        record["runs"][name] = [_run_scheme(name, s, steps, warmup, every, block_size) for s in seeds]
+        print(_row(name, record), flush=True)
     atomic_write_bytes(out, json.dumps(record, indent=1).encode())
     print(f"\nnumbers: {out}")
 
@@ -195,8 +235,12 @@ def main() -> None:
     parser.add_argument("--per-client", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="runs/collab_lora/schemes.json")
+    parser.add_argument("--report", action="store_true", help="print the schemes table from --out and exit")
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES), metavar="SCHEME")
     args = parser.parse_args()
+    if args.report:
+        report(args.out)
+        return
     _quiet()
     try:
         from lightning_epfl.models import resolve_pretrained
