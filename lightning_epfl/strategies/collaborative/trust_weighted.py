@@ -158,6 +158,7 @@ class TrustWeighted(CollaborativeAlgorithm):
         self._mask: Tensor | None = None
         self._pairs: list[tuple[int, int]] = []
         self._metrics: dict[str, float] = {}
+        self._n: int | None = None
 
     # ------------------------------------------------------------------ checks and setup
     def check_config(
@@ -217,7 +218,7 @@ class TrustWeighted(CollaborativeAlgorithm):
             raise MisconfigurationException(f"`static_mixture`: {err}") from err
 
     def setup(self, ctx: StepContext) -> None:
-        n = ctx.n_clients
+        n = self._n = ctx.n_clients
         clusters = getattr(ctx.datamodule, "true_clusters", None)
         self._clusters = None if clusters is None else torch.as_tensor(clusters, dtype=torch.long)
         if self.trust == "static":
@@ -367,6 +368,9 @@ class TrustWeighted(CollaborativeAlgorithm):
         return self._metrics
 
     def collaboration_matrix(self) -> Tensor | None:
+        """The last round's ``W``; the identity before the first round (every client has trained alone)."""
+        if self.W is None and self._n is not None:
+            return torch.eye(self._n, dtype=torch.float64)
         return self.W
 
     # ------------------------------------------------------------------ state
