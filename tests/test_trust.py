@@ -1,4 +1,4 @@
-"""Trust-weighted collaborative LoRA math (arXiv:2404.09753): the spec's acceptance numbers (weight similarity,
+"""Trust-weighted collaborative LoRA math (arXiv:2404.09753): hand-computed cases (weight similarity,
 validation, prediction, static, masks, top-k), dense/loop references for every score and mixing mode, rows computed
 separately, Jacobi mixing, updates vs parameters, the product mode's Eckart-Young tail, permutation equivariance and
 argument validation."""
@@ -33,7 +33,7 @@ def _t(rows) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- weight similarity
 def test_weight_similarity_acceptance():
-    """Spec check 1: A1, A2 give S = I; an identical B = [[1, 1], [0, 0]] makes S_12 = 0.5 (dim-0 columns pooled)."""
+    """Hand-computed case: A1, A2 give S = I; an identical B = [[1, 1], [0, 0]] makes S_12 = 0.5 (columns pooled)."""
     a = torch.stack([_t([[1, 0], [0, 1]]), _t([[1, 0], [0, -1]])])
     s = weight_similarity_scores([a])
     torch.testing.assert_close(s, torch.eye(2, dtype=F64), atol=ATOL, rtol=0)
@@ -90,7 +90,7 @@ def test_weight_similarity_errors(tensors, match):
 
 # ----------------------------------------------------------------------------------------------------- validation
 def test_validation_acceptance_and_variants():
-    """Spec check 2: losses ln[[10, 12], [20, 15]] give the published W; neg_loss is -L."""
+    """Hand-computed case: losses ln[[10, 12], [20, 15]] give the published W; neg_loss is -L."""
     losses = torch.log(torch.tensor([[10.0, 12.0], [20.0, 15.0]]))
     w = trust_to_weights(validation_scores(losses))
     torch.testing.assert_close(w, _t([[0.880797, 0.119203], [0.006693, 0.993307]]), atol=ATOL, rtol=0)
@@ -113,7 +113,7 @@ def test_validation_errors():
 
 # ----------------------------------------------------------------------------------------------------- prediction
 def test_prediction_acceptance():
-    """Spec check 3: one position, V=4, q=2 gives D = [[0,1,15],[1,0,14],[15,14,0]] and the c=10 rows."""
+    """Hand-computed case: one position, V=4, q=2 gives D = [[0,1,15],[1,0,14],[15,14,0]] and the c=10 rows."""
     z = torch.tensor([[4.0, 3, 0, -1], [4, 2, 1, 0], [0, 1, 5, 3]]).unsqueeze(1)  # [N=3, P=1, V=4]
     values, indices = sparsify_top_logits(z, 2)
     d = prediction_distances(values, indices)
@@ -204,7 +204,7 @@ def test_prediction_scores_normalization():
 
 # ------------------------------------------------------------------------------------------------- trust_to_weights
 def test_top_k_acceptance_and_mask_zeros():
-    """Spec check 4: top_k=2 on [0, -1, -3, -2]; masked entries exactly 0, the diagonal always allowed."""
+    """Hand-computed case: top_k=2 on [0, -1, -3, -2]; masked entries exactly 0, the diagonal always allowed."""
     s = _t([[0, -1, -3, -2]] * 4)
     w = trust_to_weights(s, top_k=2)
     torch.testing.assert_close(w[0], _t([0.731059, 0.268941, 0, 0]), atol=ATOL, rtol=0)
@@ -288,7 +288,7 @@ def test_trust_to_weights_errors(kwargs, match):
 
 # ------------------------------------------------------------------------------------------------------- static
 def test_static_weights():
-    """Spec check 4: one-hot P gives the oracle grouping; a general P matches P P^T after row normalization."""
+    """Hand-computed case: one-hot P gives the oracle grouping; a general P matches P P^T after row normalization."""
     w = static_weights(_t([[1, 0], [1, 0], [0, 1]]))
     torch.testing.assert_close(w, _t([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1]]), atol=ATOL, rtol=0)
     p = _t([[0.75, 0.25, 0], [0, 0.75, 0.25], [0.25, 0, 0.75], [0.75, 0.25, 0]])
