@@ -12,6 +12,8 @@ validation performance on the client's own data; plus the local, FedAvg and fixe
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -248,9 +250,6 @@ class TrustWeighted(CollaborativeAlgorithm):
             if s.communicated
         ]
 
-    def _evaluation_mode(self, ctx: StepContext) -> Any:
-        return _EvalMode(ctx.stack.module)
-
     def _validation_losses(self, ctx: StepContext, X_all: Tensor) -> Tensor:
         """``L[i, j]``: mean token loss of adapter ``j`` on client ``i``'s validation batches (rows of this
         process's clients, ``[n_local, n]``)."""
@@ -307,12 +306,12 @@ class TrustWeighted(CollaborativeAlgorithm):
         if self.trust == "weight_similarity":
             S = weight_similarity_scores(self._tensor_views(ctx, X_all))
         elif self.trust == "validation":
-            with self._evaluation_mode(ctx):
+            with _eval_mode(ctx.stack.module):
                 L = ctx.comm.all_gather(self._validation_losses(ctx, X_all))
             S = validation_scores(L, self.validation_score)
             extra = n * 8
         else:
-            with self._evaluation_mode(ctx):
+            with _eval_mode(ctx.stack.module):
                 rows, extra = self._prediction_distances(ctx)
             S = prediction_scores(ctx.comm.all_gather(rows), self.prediction_scale)
         W = trust_to_weights(
@@ -437,15 +436,12 @@ def _lora_pairs(names: list[str]) -> list[tuple[int, int]]:
     return pairs
 
 
-class _EvalMode:
-    """Context manager: a module in eval mode (dropout off) inside, its previous mode restored after."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self.was_training = module.training
-
-    def __enter__(self) -> None:
-        self.module.eval()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module.train(self.was_training)
+@contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """The module in eval mode (dropout off) inside; its previous mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
