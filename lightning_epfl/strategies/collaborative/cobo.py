@@ -63,6 +63,12 @@ class CoBo(CollaborativeAlgorithm):
         inner_product: ``"raw"`` (paper) or ``"cosine"`` (scale-free extension, not in the paper).
         allow_unstable: Allow ``eta rho lambda_max(L_W) > 2`` (see :meth:`check_stability`).
 
+    Attributes:
+        W: ``[n, n]`` float64 collaboration weights (``None`` before setup).
+        last_pairs: ``[m, 2]`` client pairs of the last W step (``None`` before the first).
+        last_inner_products: ``[m]`` float64 gradient inner products at the midpoints of ``last_pairs`` (the
+            quantity the W step ascends; cosine when ``inner_product="cosine"``), for diagnostics.
+
     Raises:
         MisconfigurationException: For any argument outside the ranges above (the message names it); in
             ``setup``, an unstable ``eta rho lambda_max(L_W) > 2`` unless ``allow_unstable``.
@@ -135,6 +141,8 @@ class CoBo(CollaborativeAlgorithm):
         self.W: Tensor | None = None
         self._snapshot: Tensor | None = None
         self._metrics: dict[str, float] = {}
+        self.last_pairs: Tensor | None = None
+        self.last_inner_products: Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ helpers
     def initial_W(self, n: int) -> Tensor:
@@ -215,6 +223,7 @@ class CoBo(CollaborativeAlgorithm):
         p = self.pair_probability(ctx.step, n)
         pairs = sample_pairs(n, p, torch.Generator().manual_seed(derive_seed(ctx.seed, "cobo_pairs", ctx.step)))
         m = pairs.shape[0]
+        self.last_pairs, self.last_inner_products = pairs.cpu(), torch.zeros(0, dtype=torch.float64)
         self._metrics.update({"cobo/pair_probability": p, "cobo/pairs_updated": float(m)})
         if m == 0:
             return
@@ -234,6 +243,7 @@ class CoBo(CollaborativeAlgorithm):
         if self.inner_product == "cosine":
             ip = ip / (GG[:, 0].norm(dim=-1) * GG[:, 1].norm(dim=-1)).clamp_min(1e-12)
         self._metrics["cobo/inner_product_mean"] = float(ip.mean())
+        self.last_pairs, self.last_inner_products = pairs.cpu(), ip.detach().double().cpu()
         self.W = cobo_w_update(self.W, pairs.to(self.W.device), ip.to(self.W), self.gamma, self.domain)
 
     def before_optimizer_step(self, ctx: StepContext) -> None:
