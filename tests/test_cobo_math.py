@@ -118,6 +118,20 @@ def test_cobo_w_step_quadratics_many_clients_matches_formula():
         assert ip == pytest.approx(float(torch.dot(z - targets[i], z - targets[j])), abs=1e-12)
 
 
+def test_cobo_diagnostic_record_is_cleared_on_steps_without_w_step():
+    g = torch.Generator().manual_seed(0)
+    targets, X = (torch.randn(4, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    ctx = _ctx_for(targets, X)
+    algo = CoBo(gamma=0.05, pair_sampling="all", pair_batch_size=1, update_every=2)
+    algo.setup(ctx)
+    ctx.step = 0
+    algo.before_optimizer_step(ctx)
+    assert algo.last_pairs.shape == (6, 2) and algo.last_inner_products.shape == (6,)
+    ctx.step = 1
+    algo.before_optimizer_step(ctx)
+    assert algo.last_pairs is None and algo.last_inner_products is None
+
+
 def test_cobo_w_update_box_and_simplex_domains():
     """Box updates stay in [0, 1] and symmetric; simplex rows stay on the simplex with a zero diagonal."""
     g = torch.Generator().manual_seed(1)

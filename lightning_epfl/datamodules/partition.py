@@ -21,6 +21,7 @@ Clients are assigned to clusters in contiguous, near-equal blocks: client ``i`` 
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -115,11 +116,13 @@ def cluster_blocks(n_clients: int, n_clusters: int, sizes: Sequence[int] | None 
     if sizes is None:
         counts = [len(b) for b in np.array_split(np.arange(n_clients), n_clusters)]
     else:
-        counts = [int(c) for c in sizes]
-        if len(counts) != n_clusters or any(c < 1 for c in counts) or sum(counts) != n_clients:
+        integral = all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in sizes)
+        counts = [int(c) for c in sizes] if integral else []
+        if not integral or len(counts) != n_clusters or any(c < 1 for c in counts) or sum(counts) != n_clients:
+            total = f" (sum {sum(counts)})" if integral else ""
             raise ValueError(
                 f"`cluster_sizes` must be {n_clusters} positive integers summing to n_clients={n_clients}, "
-                f"got {list(sizes)} (sum {sum(counts)})."
+                f"got {list(sizes)}{total}."
             )
     return torch.as_tensor(np.repeat(np.arange(n_clusters), counts))
 

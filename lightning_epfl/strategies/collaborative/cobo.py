@@ -65,9 +65,11 @@ class CoBo(CollaborativeAlgorithm):
 
     Attributes:
         W: ``[n, n]`` float64 collaboration weights (``None`` before setup).
-        last_pairs: ``[m, 2]`` client pairs of the last W step (``None`` before the first).
-        last_inner_products: ``[m]`` float64 gradient inner products at the midpoints of ``last_pairs`` (the
-            quantity the W step ascends; cosine when ``inner_product="cosine"``), for diagnostics.
+        last_pairs: ``[m, 2]`` int64 global client ids ``(i, j)``, ``i < j``, of the pairs the W step of the current
+            optimizer step updated; ``None`` on a step without W step (``update_every``, ``start_step``).
+        last_inner_products: ``[m]`` gradient inner products at the midpoints of ``last_pairs`` (the quantity the W
+            step ascends; cosine when ``inner_product="cosine"``), computed in the parameters' dtype and stored as
+            float64, for diagnostics; ``None`` with ``last_pairs``.
 
     Raises:
         MisconfigurationException: For any argument outside the ranges above (the message names it); in
@@ -250,6 +252,7 @@ class CoBo(CollaborativeAlgorithm):
         snapshot = ctx.comm.all_gather(ctx.X.detach().clone())
         self._snapshot = snapshot
         self._metrics = {}
+        self.last_pairs = self.last_inner_products = None
         if ctx.step >= self.start_step and (ctx.step - self.start_step) % self.update_every == 0:
             self.w_step(ctx, snapshot)
 
