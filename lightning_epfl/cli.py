@@ -1,4 +1,5 @@
-"""LightningCLI entry point: ``lightning-epfl {fit,validate,test,predict}`` and ``python -m lightning_epfl``.
+"""LightningCLI entry point: ``lightning-epfl {fit,validate,test,predict}``, ``lightning-epfl export <method>``
+and ``python -m lightning_epfl``.
 
 Every component of the package is importable by ``class_path`` (``lightning_epfl.callbacks.WindowedSWA``,
 ``lightning_epfl.modules.CausalLMModule``, ...), so a YAML file can compose any of them.
@@ -225,11 +226,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if from_command_line:  # LightningCLI reads sys.argv itself (passing `args` as well makes it warn)
         sys.argv = [sys.argv[0], *args]
     run_args = None if from_command_line else args
+
+    def run() -> None:
+        if args and args[0] == "export":  # compression without training: `lightning-epfl export quarot ...`
+            from lightning_epfl.export.cli import export_main
+
+            export_main(args[1:])
+        else:
+            cli_main(run_args)
+
     if show_traceback:
-        cli_main(run_args)
+        run()
         return
     try:
-        cli_main(run_args)
+        run()
     except KeyboardInterrupt:
         print("lightning-epfl: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

@@ -114,6 +114,28 @@ EXPORT_MARKER = ".lightning-epfl-export"
 """File in every folder written by :func:`atomic_directory` (marks it as safe to replace by a later export)."""
 
 
+def check_export_target(directory: str | os.PathLike) -> str:
+    """Check, before any work, that an export may be written to ``directory`` (see :func:`atomic_directory`).
+
+    Returns:
+        The absolute path.
+
+    Raises:
+        FileExistsError: If ``directory`` is a file, or a non-empty folder that no export wrote.
+    """
+    directory = os.path.abspath(directory)
+    if os.path.lexists(directory):
+        if not os.path.isdir(directory):
+            raise FileExistsError(f"{directory!r} is a file; give a folder path for the export.")
+        entries = os.listdir(directory)
+        if entries and EXPORT_MARKER not in entries:
+            raise FileExistsError(
+                f"{directory!r} already holds files that no export wrote ({sorted(entries)[:3]}...); an export "
+                "replaces its whole folder, so choose a new or empty folder."
+            )
+    return directory
+
+
 def atomic_directory(directory: str | os.PathLike, write: Callable[[str], Any]) -> str:
     """Build a folder under a temporary name beside ``directory`` with ``write(tmp)``, then rename it into place.
 
@@ -131,16 +153,7 @@ def atomic_directory(directory: str | os.PathLike, write: Callable[[str], Any]) 
     import shutil
     import tempfile
 
-    directory = os.path.abspath(directory)
-    if os.path.lexists(directory):
-        if not os.path.isdir(directory):
-            raise FileExistsError(f"{directory!r} is a file; give a folder path for the export.")
-        entries = os.listdir(directory)
-        if entries and EXPORT_MARKER not in entries:
-            raise FileExistsError(
-                f"{directory!r} already holds files that no export wrote ({sorted(entries)[:3]}...); an export "
-                "replaces its whole folder, so choose a new or empty folder."
-            )
+    directory = check_export_target(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)

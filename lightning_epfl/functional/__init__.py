@@ -1,5 +1,6 @@
 """Pure math, no Lightning: schedules, averaging, ranks, topology, collaborative metrics, CoBo, meta-gradients,
-trust scores and LoRA mixing (``functional.trust``); the privacy accounting lives in ``functional.privacy``."""
+trust scores and LoRA mixing (``functional.trust``), Hadamard matrices and transforms (``functional.hadamard``), fake
+quantizers with RTN and GPTQ (``functional.quantize``); the privacy accounting lives in ``functional.privacy``."""
 
 from lightning_epfl.functional.collab_metrics import (
     adjusted_rand_index,
@@ -9,6 +10,14 @@ from lightning_epfl.functional.collab_metrics import (
     pair_accuracy,
     recovery_metrics,
     w_within_between,
+)
+from lightning_epfl.functional.hadamard import (
+    hadamard_factorization,
+    hadamard_matrix,
+    hadamard_transform,
+    has_hadamard,
+    random_hadamard,
+    random_orthogonal,
 )
 from lightning_epfl.functional.meta import (
     adapt_and_predict,
@@ -25,6 +34,16 @@ from lightning_epfl.functional.meta import (
 from lightning_epfl.functional.meta_optim import (
     global_norm,
     outer_step_scale,
+)
+from lightning_epfl.functional.quantize import (
+    HessianAccumulator,
+    gptq_quantize,
+    inverse_hessian_cholesky,
+    obs_sweep,
+    quantize_asymmetric,
+    quantize_symmetric,
+    rtn_quantize,
+    search_clip_ratio,
 )
 from lightning_epfl.functional.rank import (
     dead_units,
@@ -63,15 +82,11 @@ from lightning_epfl.functional.trust import (
 )
 
 __all__ = [
-    "lora_product_truncation_error",
-    "mix_lora",
-    "prediction_distances",
-    "prediction_scores",
-    "sparsify_top_logits",
-    "static_weights",
-    "trust_to_weights",
-    "validation_scores",
-    "weight_similarity_scores",
+    "CooldownShape",
+    "HessianAccumulator",
+    "MixingReport",
+    "Topology",
+    "WSDScheduler",
     "adapt_and_predict",
     "adjusted_rand_index",
     "batched_task_grad",
@@ -79,34 +94,52 @@ __all__ = [
     "cluster_assignments",
     "consensus_distance",
     "cooldown_factor",
-    "CooldownShape",
     "dead_units",
     "effective_rank",
     "fo_b_maml_task_grad",
     "fomaml_task_grad",
     "global_norm",
+    "gptq_quantize",
+    "hadamard_factorization",
+    "hadamard_matrix",
+    "hadamard_transform",
+    "has_hadamard",
     "improved_fraction",
     "inner_adapt",
+    "inverse_hessian_cholesky",
+    "lora_product_truncation_error",
     "maml_task_grad",
+    "mix_lora",
     "mixing_contraction",
     "mixing_matrix",
-    "MixingReport",
     "numerical_rank",
+    "obs_sweep",
     "outer_step_scale",
     "pair_accuracy",
     "pca_rank",
+    "prediction_distances",
+    "prediction_scores",
     "quadratic_fomaml_fixed_point",
     "quadratic_maml_gradient",
     "quadratic_maml_solution",
+    "quantize_asymmetric",
+    "quantize_symmetric",
+    "random_hadamard",
+    "random_orthogonal",
     "rankme",
     "recovery_metrics",
     "reptile_task_grad",
     "resolve_cooldown",
+    "rtn_quantize",
+    "search_clip_ratio",
+    "sparsify_top_logits",
     "spectral_gap",
     "spectral_metrics",
     "stable_rank",
-    "Topology",
+    "static_weights",
+    "trust_to_weights",
+    "validation_scores",
     "w_within_between",
+    "weight_similarity_scores",
     "wsd_lr_factor",
-    "WSDScheduler",
 ]

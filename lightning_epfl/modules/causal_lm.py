@@ -320,12 +320,29 @@ class CausalLMModule(LightningModule):
 
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model is not None:  # the current config: an export transform may have untied or marked the model
+            self._hf_config = self.model.config.to_dict()
         checkpoint["hf_config"] = self._hf_config
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.model is None and checkpoint.get("hf_config") is not None:
-            self._hf_config = dict(checkpoint["hf_config"])
+        stored = checkpoint.get("hf_config")
+        if self.model is None and stored is not None:
+            self._hf_config = dict(stored)
             self.configure_model()  # `load_from_checkpoint` outside a Trainer: build before the state dict loads
+        elif self.model is not None and stored is not None:
+            self._match_stored_config(stored)
+
+    def _match_stored_config(self, stored: dict[str, Any]) -> None:
+        """Before a checkpoint's weights load into a model built from the run's arguments: untie ``lm_head`` when the
+        checkpointed model had it untied (an export transform rotates the two differently), and carry over the
+        ``quarot`` marker such a transform leaves in the config."""
+        model: Any = self.model
+        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        if stored.get("tie_word_embeddings") is False and head is not None and head.weight is embed.weight:
+            head.weight = torch.nn.Parameter(embed.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+        if "quarot" in stored:
+            model.config.quarot = stored["quarot"]
 
     def save_pretrained(self, directory: str) -> None:
         """Write a ``transformers``-loadable model and its tokenizer description to ``directory``.
