@@ -1,6 +1,7 @@
 """Pure math, no Lightning: schedules, averaging, ranks, topology, collaborative metrics, CoBo, meta-gradients,
 trust scores and LoRA mixing (``functional.trust``), Hadamard matrices and transforms (``functional.hadamard``), fake
-quantizers with RTN and GPTQ (``functional.quantize``); the privacy accounting lives in ``functional.privacy``."""
+quantizers with RTN and GPTQ (``functional.quantize``), block formats INT/HBFP/MX (``functional.formats``), pruning
+masks and SparseGPT (``functional.sparsity``); the privacy accounting lives in ``functional.privacy``."""
 
 from lightning_epfl.functional.collab_metrics import (
     adjusted_rand_index,
@@ -11,6 +12,7 @@ from lightning_epfl.functional.collab_metrics import (
     recovery_metrics,
     w_within_between,
 )
+from lightning_epfl.functional.formats import block_quantize
 from lightning_epfl.functional.hadamard import (
     hadamard_factorization,
     hadamard_matrix,
@@ -61,6 +63,14 @@ from lightning_epfl.functional.schedules import (
     resolve_cooldown,
     wsd_lr_factor,
 )
+from lightning_epfl.functional.sparsity import (
+    input_norms,
+    magnitude_mask,
+    orthogonality,
+    sparse_quantize,
+    sparsegpt_prune,
+    wanda_scores,
+)
 from lightning_epfl.functional.topology import (
     MixingReport,
     Topology,
@@ -90,6 +100,7 @@ __all__ = [
     "adapt_and_predict",
     "adjusted_rand_index",
     "batched_task_grad",
+    "block_quantize",
     "check_mixing_matrix",
     "cluster_assignments",
     "consensus_distance",
@@ -106,14 +117,17 @@ __all__ = [
     "has_hadamard",
     "improved_fraction",
     "inner_adapt",
+    "input_norms",
     "inverse_hessian_cholesky",
     "lora_product_truncation_error",
+    "magnitude_mask",
     "maml_task_grad",
     "mix_lora",
     "mixing_contraction",
     "mixing_matrix",
     "numerical_rank",
     "obs_sweep",
+    "orthogonality",
     "outer_step_scale",
     "pair_accuracy",
     "pca_rank",
@@ -132,6 +146,8 @@ __all__ = [
     "resolve_cooldown",
     "rtn_quantize",
     "search_clip_ratio",
+    "sparse_quantize",
+    "sparsegpt_prune",
     "sparsify_top_logits",
     "spectral_gap",
     "spectral_metrics",
@@ -140,6 +156,7 @@ __all__ = [
     "trust_to_weights",
     "validation_scores",
     "w_within_between",
+    "wanda_scores",
     "weight_similarity_scores",
     "wsd_lr_factor",
 ]
