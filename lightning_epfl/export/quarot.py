@@ -452,14 +452,11 @@ class _Rotations:
         fb, seed = config.hadamard_fallback, config.seed
         if not config.rotate:
             return cls(None, None, None)
-        ff = make_rotation(int(model.config.intermediate_size), fb, seed + 1, "intermediate size")
+        d_ff = int(model.config.intermediate_size)
+        ff = make_rotation(d_ff, fb, seed + 1, "intermediate size") if config.online_down_proj else None
         heads = make_rotation(n_heads, fb, seed + 3, "number of heads") if config.online_o_proj else None
         use_dh = config.online_o_proj or config.qk_rotation
-        return cls(
-            ff if config.online_down_proj else None,
-            heads,
-            make_rotation(head_dim, fb, seed + 2, "head dim") if use_dh else None,
-        )
+        return cls(ff, heads, make_rotation(head_dim, fb, seed + 2, "head dim") if use_dh else None)
 
 
 @torch.no_grad()
