@@ -1,5 +1,5 @@
 """Lightning callbacks: Cooldown, WindowedSWA, FeatureRankMonitor, CollaborationMatrixLogger, ValidateAtStart,
-SavePretrained."""
+SavePretrained, SparseFinetune."""
 
 from lightning_epfl.callbacks.collaboration_matrix import (
     CollaborationMatrixLogger,
@@ -9,6 +9,7 @@ from lightning_epfl.callbacks.collaboration_matrix import (
 from lightning_epfl.callbacks.cooldown import Cooldown
 from lightning_epfl.callbacks.feature_rank import FeatureRankMonitor
 from lightning_epfl.callbacks.save_pretrained import SavePretrained
+from lightning_epfl.callbacks.sparse_finetune import SparseFinetune
 from lightning_epfl.callbacks.validate_at_start import ValidateAtStart
 from lightning_epfl.callbacks.windowed_swa import WindowedSWA
 
@@ -19,6 +20,7 @@ __all__ = [
     "plot_collaboration_matrix",
     "plot_matrix_history",
     "SavePretrained",
+    "SparseFinetune",
     "ValidateAtStart",
     "WindowedSWA",
 ]
