@@ -52,6 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_epfl.export.config import ExportConfig
 from lightning_epfl.functional.hadamard import (
     hadamard_factorization,
     hadamard_transform,
@@ -83,7 +84,7 @@ folder (its weights compute the right function only with the online rotations :f
 
 
 @dataclass
-class QuaRotConfig:
+class QuaRotConfig(ExportConfig):
     """Settings of a QuaRot export (peft-style: a plain dataclass, serializable as JSON and from YAML).
 
     Args:
@@ -177,19 +178,6 @@ class QuaRotConfig:
         if not 0 <= self.gptq_damp < 1:
             raise ValueError(f"QuaRotConfig: `gptq_damp` must be in [0, 1), got {self.gptq_damp!r}.")
         self.skip_modules = list(self.skip_modules)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-serializable dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QuaRotConfig:
-        """Inverse of :meth:`to_dict` (unknown keys raise ``ValueError`` naming them)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"QuaRotConfig: unknown field(s) {unknown}; known: {sorted(known)}.")
-        return cls(**data)
 
 
 @dataclass

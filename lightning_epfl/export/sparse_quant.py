@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_epfl.export.config import ExportConfig
 from lightning_epfl.export.quarot import input_ids_of
 from lightning_epfl.functional.formats import block_quantize
 from lightning_epfl.functional.quantize import HessianAccumulator
@@ -81,7 +82,7 @@ def _is_int(value: Any) -> bool:
 
 
 @dataclass
-class SparseQuantConfig:
+class SparseQuantConfig(ExportConfig):
     """Settings of a sparse-then-quantize export (peft style: a plain dataclass, serializable as JSON).
 
     Args:
@@ -160,23 +161,6 @@ class SparseQuantConfig:
                 )
             except ValueError as err:
                 raise ValueError(f"SparseQuantConfig: invalid quantizer for fmt={self.fmt!r}: {err}") from err
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-serializable dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SparseQuantConfig:
-        """Inverse of :meth:`to_dict`.
-
-        Raises:
-            ValueError: On unknown keys (named in the message) or invalid values.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"SparseQuantConfig: unknown field(s) {unknown}; known: {sorted(known)}.")
-        return cls(**data)
 
 
 @dataclass
