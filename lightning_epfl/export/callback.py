@@ -23,10 +23,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lightning_epfl.export.calibration import input_ids_of
 from lightning_epfl.export.quarot import (
     QuaRotConfig,
     QuaRotReport,
-    input_ids_of,
     install_quantizers,
     is_transformed,
     perplexity,
@@ -84,7 +84,7 @@ class QuaRotExport(Callback):
 
     Raises:
         MisconfigurationException: A bad ``when``/``calib_from``/``eval_batches`` (in ``__init__``); before training
-            or testing (``setup``, or ``on_fit_start``/``on_test_start`` for a model built in ``configure_model``):
+            or testing (``on_fit_start`` / ``on_test_start``, once the model is built):
             an unsupported model (the message names the supported ones), LoRA adapters, a config the model cannot
             take (group size, Hadamard fallback, skip list), an export folder holding unrelated files, or a
             checkpoint transformed with another config.
@@ -128,11 +128,6 @@ class QuaRotExport(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(config_hash=self.config_hash)
-
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if getattr(pl_module, "model", None) is not None:  # else built in configure_model: checked at fit/test start
-            self._check(trainer, pl_module)
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Before training or testing: the model, the config and the export folder; re-install the quantizers on a

@@ -9,7 +9,14 @@ T = TypeVar("T", bound="ExportConfig")
 
 
 class ExportConfig:
-    """Mixin of the export config dataclasses: :meth:`to_dict` and :meth:`from_dict`."""
+    """Mixin of the export config dataclasses: :meth:`skips`, :meth:`to_dict` and :meth:`from_dict`."""
+
+    skip_modules: list[str]
+
+    def skips(self, name: str) -> bool:
+        """Whether the module called ``name`` is excluded: a ``skip_modules`` entry equals its qualified name or a
+        whole trailing part of it (``"lm_head"`` matches ``"x.lm_head"``, not ``"my_lm_head"``)."""
+        return any(name == s or name.endswith("." + s) for s in self.skip_modules)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-serializable dict."""

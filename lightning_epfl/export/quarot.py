@@ -52,6 +52,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_epfl.export.calibration import calibration_sequences, input_ids_of
 from lightning_epfl.export.config import ExportConfig
 from lightning_epfl.functional.hadamard import (
     hadamard_factorization,
@@ -273,7 +274,7 @@ def validate_model(model: nn.Module, config: QuaRotConfig) -> None:
                 )
     names = [n for n, _ in model.named_modules()]
     for entry in config.skip_modules:
-        if entry != "lm_head" and not any(_skipped(n, [entry]) for n in names):
+        if entry != "lm_head" and not any(n == entry or n.endswith("." + entry) for n in names):
             raise ValueError(
                 f"QuaRotConfig: `skip_modules` entry {entry!r} matches no layer; use name suffixes such as "
                 "'mlp.down_proj' or 'layers.0.self_attn.q_proj'."
@@ -465,6 +466,11 @@ def rotate_model(model: nn.Module, config: QuaRotConfig | None = None) -> dict[s
     """
     config = config or QuaRotConfig()
     validate_model(model, config)
+    return _rotate(model, config)
+
+
+def _rotate(model: nn.Module, config: QuaRotConfig) -> dict[str, str]:
+    """:func:`rotate_model` on a model :func:`validate_model` has accepted."""
     layers = decoder_layers(model)
     fuse_norms(model)
     n_heads, n_kv, head_dim = _head_sizes(model)
@@ -569,17 +575,13 @@ def _register_attention() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
 
 
-def _skipped(name: str, skip: Sequence[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in skip)
-
-
 def quantized_linears(model: nn.Module, config: QuaRotConfig) -> dict[str, nn.Linear]:
     """The decoder-block linear layers QuaRot quantizes, by qualified name (``skip_modules`` excluded)."""
     layers = decoder_layers(model)
     out: dict[str, nn.Linear] = {}
     prefix = next(n for n, m in model.named_modules() if m is layers)
     for name, module in layers.named_modules():
-        if isinstance(module, nn.Linear) and not _skipped(f"{prefix}.{name}", config.skip_modules):
+        if isinstance(module, nn.Linear) and not config.skips(f"{prefix}.{name}"):
             out[f"{prefix}.{name}"] = module
     return out
 
@@ -643,31 +645,6 @@ def set_quantization_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- weights
-def input_ids_of(batch: Any) -> Tensor:
-    """The ``input_ids`` ``[B, T]`` of a batch: a tensor, a dict with ``input_ids`` or a tuple starting with them."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, dict):
-        return batch["input_ids"]
-    return batch[0]
-
-
-def _calibration(batches: Iterable[Any] | None, config: QuaRotConfig) -> list[Tensor]:
-    out: list[Tensor] = []
-    count = 0
-    for batch in batches or []:
-        ids = input_ids_of(batch)
-        if ids.dim() != 2:
-            raise ValueError(f"QuaRot: calibration batches must hold token ids [B, T], got shape {tuple(ids.shape)}.")
-        ids = ids[:, : config.calib_seq_len]
-        take = min(ids.shape[0], config.calib_samples - count)
-        out.append(ids[:take])
-        count += take
-        if count >= config.calib_samples:
-            break
-    return out
-
-
 class _StopForward(Exception):
     pass
 
@@ -803,7 +780,9 @@ def quarot_quantize_(
     """
     config = config or QuaRotConfig()
     validate_model(model, config)
-    calib = _calibration(calib_batches, config)
+    calib = [
+        ids for ids, _ in calibration_sequences(calib_batches, config.calib_samples, config.calib_seq_len, "QuaRot")
+    ]
     vocab = model.get_input_embeddings().num_embeddings
     for ids in calib + ([] if check_batch is None else [check_batch]):
         if (
@@ -826,7 +805,7 @@ def quarot_quantize_(
         reference = model(input_ids=check_batch.to(device)).logits.float()
     t0 = time.perf_counter()
     if config.rotate:
-        report.rotations = rotate_model(model, config)
+        report.rotations = _rotate(model, config)
     else:
         untie_embeddings(model)
     install_quantizers(model, config)

@@ -41,8 +41,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_epfl.export.calibration import calibration_sequences
 from lightning_epfl.export.config import ExportConfig
-from lightning_epfl.export.quarot import input_ids_of
 from lightning_epfl.functional.formats import block_quantize
 from lightning_epfl.functional.quantize import HessianAccumulator
 from lightning_epfl.functional.sparsity import (
@@ -211,37 +211,10 @@ def target_linears(model: nn.Module, config: SparseQuantConfig) -> dict[str, nn.
     Returns:
         ``{qualified name: layer}`` in ``named_modules`` order.
     """
-
-    def skipped(name: str) -> bool:
-        return any(name == s or name.endswith("." + s) for s in config.skip_modules)
-
-    return {name: mod for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and not skipped(name)}
+    return {n: mod for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and not config.skips(n)}
 
 
 # ---------------------------------------------------------------------------------------------------- calibration
-def _calibration(batches: Iterable[Any] | None, config: SparseQuantConfig) -> list[tuple[Tensor, Tensor | None]]:
-    """``(input_ids, attention_mask)`` pairs cut to ``calib_seq_len`` tokens, ``calib_samples`` sequences at most."""
-    out: list[tuple[Tensor, Tensor | None]] = []
-    count = 0
-    for batch in batches or []:
-        ids = input_ids_of(batch)
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2:
-            raise ValueError(f"sparse_quantize_: calibration input_ids must be [B, T], got {tuple(ids.shape)}.")
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        take = min(ids.shape[0], config.calib_samples - count)
-        ids = ids[:take, : config.calib_seq_len]
-        if mask is not None:
-            mask = mask[:take, : config.calib_seq_len]
-        if ids.numel() > 0:
-            out.append((ids, mask))
-            count += take
-        if count >= config.calib_samples:
-            break
-    return out
-
-
 @torch.no_grad()
 def _collect_statistics(
     model: nn.Module,
@@ -405,7 +378,7 @@ def sparse_quantize_(
     stats: dict[str, Any] = {}
     timings: dict[str, float] = {}
     if config.scorer in ("wanda", "sparsegpt"):
-        calib = _calibration(calib_batches, config)
+        calib = calibration_sequences(calib_batches, config.calib_samples, config.calib_seq_len, "sparse_quantize_")
         if not calib:
             raise ValueError(f"sparse_quantize_: scorer={config.scorer!r} needs calibration batches; none were given.")
         start = time.perf_counter()
