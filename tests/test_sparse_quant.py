@@ -1,3 +1,4 @@
+import json
 import math
 import warnings
 
@@ -273,3 +274,195 @@ def test_sparse_finetune_bad_arguments():
         SparseFinetune(pattern="2:4")
     with pytest.raises(MisconfigurationException, match="`scope`"):
         SparseFinetune(scope="column")
+
+
+# ---------------------------------------------------------------------------------------------- export callback
+def _export_run(tmp_path, callback, max_steps=2, extra=()):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_epfl.datamodules import TextDataModule
+    from lightning_epfl.modules import CausalLMModule
+
+    seed_everything(0)
+    module = CausalLMModule(config={k: v for k, v in TINY.items() if k != "vocab_size"})
+    trainer = Trainer(
+        max_steps=max_steps,
+        logger=CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        limit_test_batches=1,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=[*extra, callback],
+    )
+    return module, TextDataModule(block_size=32, batch_size=4), trainer
+
+
+def test_export_callback_equals_the_functional_transform(tmp_path):
+    """At test start the callback applies exactly sparse_quantize_ (same weights, same report), logs the report and
+    the logit change, and writes an export that from_pretrained loads to the same logits."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from lightning_epfl.export import SparseQuantExport
+    from lightning_epfl.export.calibration import input_ids_of
+
+    config = SparseQuantConfig(pattern="unstructured", sparsity=0.5, scorer="wanda", calib_samples=4, calib_seq_len=32)
+    cb = SparseQuantExport(config, when="test_start", calib_from="val", eval_batches=2, export_dir=str(tmp_path / "sq"))
+    module, dm, trainer = _export_run(tmp_path, cb)
+    trainer.fit(module, dm)
+    assert not cb.done
+    dense = copy.deepcopy(module.model).eval()
+    calib = list(dm.val_dataloader())
+    expected = sparse_quantize_(dense, config, calib)
+    check = input_ids_of(next(iter(dm.val_dataloader())))
+    with torch.no_grad():
+        before = module.model.eval()(input_ids=check).logits
+    trainer.test(module, dm, verbose=False)
+    assert cb.done and cb.saved_to == str((tmp_path / "sq").resolve())
+    for name, param in dense.named_parameters():
+        torch.testing.assert_close(module.model.get_parameter(name), param, atol=0, rtol=0)
+    for key in ("eps_s", "eps_q", "eps_sq", "excess"):
+        assert cb.metrics[f"sparse_quant/{key}"] == pytest.approx(getattr(expected, key), rel=1e-12), key
+        assert cb.metrics[f"sparse_quant/{key}"] != 0, key
+    assert cb.metrics["sparse_quant/sparsity"] == pytest.approx(expected.sparsity_achieved)
+    with torch.no_grad():
+        after = module.model(input_ids=check).logits
+    assert cb.metrics["sparse_quant/max_abs_dlogit"] == pytest.approx(float((after - before).abs().max()), rel=1e-5)
+    assert cb.metrics["quant/ppl_q"] > 1 and cb.metrics["quant/ppl_fp"] > 1
+    logged = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "sparse_quant/eps_sq" in logged and "quant/ppl_q" in logged
+    loaded = AutoModelForCausalLM.from_pretrained(cb.saved_to, local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=check).logits, after, atol=1e-5, rtol=1e-5)
+    assert json.loads((tmp_path / "sq" / "sparse_quant_config.json").read_text())["sparse_quant"]["scorer"] == "wanda"
+
+
+def test_sparse_finetune_then_export_keeps_the_finetuned_mask(tmp_path):
+    """SparseFinetune (2:4) during fit, then SparseQuantExport (2:4 magnitude, INT4) at fit end: the mask the export
+    derives from the fine-tuned weights is the fine-tune's mask, so sparsity alone adds no error."""
+    from lightning_epfl.export import SparseQuantExport
+
+    finetune = SparseFinetune()
+    cb = SparseQuantExport({"bits": 4}, when="fit_end", eval_batches=1, export_dir=str(tmp_path / "sq"))
+    module, dm, trainer = _export_run(tmp_path, cb, max_steps=3, extra=[finetune])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, dm)
+    assert cb.done and cb.metrics["sparse_quant/eps_s"] == 0.0
+    assert cb.metrics["sparse_quant/eps_sq"] == pytest.approx(cb.metrics["sparse_quant/eps_q"], rel=0.5)
+    for name, mask in finetune.masks.items():
+        w = module.model.get_submodule(name).weight
+        assert bool((w[~mask.to(w.device)] == 0).all()), name  # pruned stays pruned
+        assert _nm_ok(w)
+
+
+def test_export_callback_checks_before_training(tmp_path):
+    from lightning_epfl.export import QuaRotConfig, SparseQuantExport
+
+    module, dm, trainer = _export_run(tmp_path, SparseQuantExport({"pattern": "n:m", "n": 2, "m": 3}))
+    with pytest.raises(MisconfigurationException, match=r"SparseQuantExport: .*`m` \(3\) must divide"):
+        trainer.fit(module, dm)
+    assert trainer.global_step == 0
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    module, dm, trainer = _export_run(tmp_path, SparseQuantExport(export_dir=str(busy)))
+    with pytest.raises(MisconfigurationException, match="SparseQuantExport"):
+        trainer.fit(module, dm)
+    assert trainer.global_step == 0 and (busy / "notes.txt").read_text() == "mine"
+    with pytest.raises(MisconfigurationException, match="`config` must be a SparseQuantConfig"):
+        SparseQuantExport(QuaRotConfig())
+    with pytest.raises(MisconfigurationException, match=r"unknown field\(s\) \['w_bits'\]"):
+        SparseQuantExport({"w_bits": 4})
+    with pytest.raises(MisconfigurationException, match="`sparsity` must be a number in"):
+        SparseQuantExport({"sparsity": 1.5})
+    with pytest.raises(MisconfigurationException, match="`when` must be"):
+        SparseQuantExport(when="later")
+    with pytest.raises(MisconfigurationException, match="`eval_batches`"):
+        SparseQuantExport(eval_batches=0)
+
+
+def test_export_callback_state_skips_a_done_export_with_the_same_config():
+    from lightning_epfl.export import SparseQuantExport
+
+    cb = SparseQuantExport({"bits": 8})
+    cb.done, cb.metrics = True, {"quant/ppl_q": 3.0}
+    same, other = SparseQuantExport(SparseQuantConfig(bits=8)), SparseQuantExport({"bits": 4})
+    same.load_state_dict(cb.state_dict())
+    other.load_state_dict(cb.state_dict())
+    assert same.done and same.metrics == {"quant/ppl_q": 3.0} and not other.done
+    assert same.state_key != other.state_key
+
+
+def test_cli_export_sparse_quant(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_epfl.cli import main
+    from lightning_epfl.datamodules.text import ByteTokenizer
+
+    folder = tmp_path / "tiny"
+    _llama().save_pretrained(folder)
+    ByteTokenizer().save_pretrained(str(folder))
+    out = tmp_path / "out"
+    main(["export", "sparse-quant", "--model", str(folder), "--output", str(out), "--config.pattern", "unstructured",
+          "--config.bits", "3", "--data.block_size", "32", "--eval_batches", "2"])  # fmt: skip
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.index("{") :])
+    assert summary["method"] == "sparse-quant" and summary["ppl_q"] > 1 and summary["max_abs_dlogit"] > 0
+    assert summary["eps_sq"] > summary["eps_q"] > 0 and summary["sparsity"] == pytest.approx(0.5, abs=0.01)
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert int((w == 0).sum(1).min()) >= w.shape[1] // 2  # every row half pruned
+    assert load_sparse_quantized(out) is not None
+    with pytest.raises(SystemExit):
+        main(["export", "sparse-quant", "--model", str(folder), "--output", str(tmp_path / "o2"), "--config.n", "5"])
+    assert "`n` must satisfy 1 <= n <= m" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "o2").exists()
+
+
+def test_sparse_quant_example_yaml_runs_on_a_tiny_model(tmp_path):
+    """examples/sparse_quant_smollm2.yaml through the LightningCLI, with the pretrained model swapped for a tiny
+    one."""
+    import os
+    from pathlib import Path
+
+    from lightning_epfl.cli import cli_main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "sparse_quant_smollm2.yaml"
+    cli = cli_main([
+        "test", "--config", str(example), "--model.init_args.pretrained_path=null",
+        "--model.init_args.config={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, "
+        "num_attention_heads: 4, num_key_value_heads: 2}",
+        "--data.init_args.tokenizer_path=null", "--data.init_args.block_size=32", "--trainer.limit_test_batches=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.callbacks.init_args.eval_batches=1",
+    ])  # fmt: skip
+    (cb,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "SparseQuantExport"]
+    assert isinstance(cb.config, SparseQuantConfig) and cb.config.scorer == "wanda" and cb.config.calib_samples == 16
+    assert cb.done and cb.saved_to.startswith(str(tmp_path))
+    assert os.path.isfile(os.path.join(cb.saved_to, "model.safetensors"))
+
+
+def test_stochastic_rounding_is_seeded_per_layer():
+    """Same seed: the same export; another seed: another one; every weight lands on one of the two grid points
+    around it (block INT4 with the nearest-rounding scale), and the first layer equals block_quantize with a
+    generator seeded ``seed + 0``."""
+    config = SparseQuantConfig(fmt="int", bits=4, rounding="stochastic", seed=3)
+    models = [_llama(), _llama(), _llama()]
+    original = _llama().model.layers[0].self_attn.q_proj.weight.detach().clone()
+    sparse_quantize_(models[0], config)
+    sparse_quantize_(models[1], config)
+    sparse_quantize_(models[2], SparseQuantConfig(fmt="int", bits=4, rounding="stochastic", seed=4))
+    a, b, c = (m.model.layers[0].self_attn.q_proj.weight for m in models)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    mask = magnitude_mask(original, pattern="n:m", n=2, m=4)
+    g = torch.Generator().manual_seed(3)
+    expected = torch.where(mask, block_quantize(torch.where(mask, original, 0.0), "int", bits=4, block_size=32,
+                                                rounding="stochastic", generator=g), 0.0)  # fmt: skip
+    torch.testing.assert_close(a, expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="`seed` must be an integer >= 0"):
+        SparseQuantConfig(seed=-1)

@@ -1,8 +1,9 @@
 """Export-time model compression: QuaRot rotations with 4-bit weights, activations and KV cache
-(:mod:`lightning_epfl.export.quarot`) and the Lightning callback that runs it (:class:`QuaRotExport`); pruning
-combined with block-format quantization (:mod:`lightning_epfl.export.sparse_quant`)."""
+(:mod:`lightning_epfl.export.quarot`), pruning combined with block-format quantization
+(:mod:`lightning_epfl.export.sparse_quant`), and the Lightning callbacks that run them (:class:`QuaRotExport`,
+:class:`SparseQuantExport`)."""
 
-from lightning_epfl.export.callback import QuaRotExport, find_causal_lm
+from lightning_epfl.export.callback import CompressionExport, QuaRotExport, SparseQuantExport, find_causal_lm
 from lightning_epfl.export.quarot import (
     SUPPORTED_MODEL_TYPES,
     QuaRotConfig,
@@ -29,10 +30,12 @@ from lightning_epfl.export.sparse_quant import (
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
+    "CompressionExport",
     "QuaRotConfig",
     "QuaRotExport",
     "QuaRotReport",
     "SparseQuantConfig",
+    "SparseQuantExport",
     "SparseQuantReport",
     "find_causal_lm",
     "fuse_norms",

@@ -62,6 +62,7 @@ __all__ = [
     "save_sparse_quantized",
     "sparse_quantize_",
     "target_linears",
+    "validate_model",
 ]
 
 SPARSE_QUANT_CONFIG_FILE = "sparse_quant_config.json"
@@ -102,6 +103,8 @@ class SparseQuantConfig(ExportConfig):
             size. Default ``32``.
         order: ``"SQ"`` (default, prune then quantize) or ``"QS"`` (quantize then prune; an ablation).
         rounding: ``"nearest"`` (default) or ``"stochastic"``.
+        seed: Seed of the stochastic rounding; layer ``i`` (in :func:`target_linears` order) draws from a generator
+            seeded ``seed + i``, so an export is reproducible. Default ``0``.
         skip_modules: Linear layers left untouched, by qualified-name suffix. Default ``["lm_head"]``.
         calib_samples: Calibration sequences used at most (Wanda / SparseGPT). Default ``32``.
         calib_seq_len: Calibration tokens per sequence at most. Default ``512``.
@@ -123,6 +126,7 @@ class SparseQuantConfig(ExportConfig):
     block_size: int = 32
     order: Literal["SQ", "QS"] = "SQ"
     rounding: Literal["nearest", "stochastic"] = "nearest"
+    seed: int = 0
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
     calib_samples: int = 32
     calib_seq_len: int = 512
@@ -139,6 +143,8 @@ class SparseQuantConfig(ExportConfig):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"SparseQuantConfig: `{name}` must be an integer >= 1, got {value!r}.")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"SparseQuantConfig: `seed` must be an integer >= 0, got {self.seed!r}.")
         if self.n > self.m:
             raise ValueError(f"SparseQuantConfig: `n` must satisfy 1 <= n <= m, got n={self.n} > m={self.m}.")
         d = self.damp
@@ -261,8 +267,9 @@ def _collect_statistics(
 
 
 # ---------------------------------------------------------------------------------------------------- per layer
-def _quantizer(config: SparseQuantConfig) -> Callable[[Tensor], Tensor]:
-    """``Q``: block fake quantization along the input dimension (identity for ``fmt="none"``)."""
+def _quantizer(config: SparseQuantConfig, seed: int = 0) -> Callable[[Tensor], Tensor]:
+    """``Q``: block fake quantization along the input dimension (identity for ``fmt="none"``). Stochastic rounding
+    draws from a generator seeded ``seed`` at every call, so ``Q(W)``, ``S→Q`` and ``Q→S`` share their uniforms."""
     if config.fmt == "none":
         return lambda t: t.clone()
 
@@ -275,6 +282,7 @@ def _quantizer(config: SparseQuantConfig) -> Callable[[Tensor], Tensor]:
             block_size=config.block_size,
             dim=-1,
             rounding=config.rounding,
+            generator=torch.Generator(t.device).manual_seed(seed) if config.rounding == "stochastic" else None,
         )
 
     return quantize
@@ -311,9 +319,9 @@ def _sparsegpt(w: Tensor, hessian: HessianAccumulator, config: SparseQuantConfig
     )
 
 
-def _sq_qs(w: Tensor, config: SparseQuantConfig, stat: Any) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _sq_qs(w: Tensor, config: SparseQuantConfig, stat: Any, seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(mask, Q(W), SQ(W), QS(W))`` of one weight ``[out, in]`` (computed in ``w``'s dtype)."""
-    quantize = _quantizer(config)
+    quantize = _quantizer(config, seed)
     rule = _mask_rule(config, stat)
     qw = quantize(w)
     if config.scorer == "sparsegpt":
@@ -326,7 +334,25 @@ def _sq_qs(w: Tensor, config: SparseQuantConfig, stat: Any) -> tuple[Tensor, Ten
     return mask, qw, sq, qs
 
 
-def _check_layers(linears: dict[str, nn.Linear], config: SparseQuantConfig) -> None:
+def validate_model(model: nn.Module, config: SparseQuantConfig) -> dict[str, nn.Linear]:
+    """Checks, without changing anything, that ``config`` applies to ``model``; returns its target linears.
+
+    Args:
+        model: Any module with ``nn.Linear`` layers.
+        config: The settings.
+
+    Returns:
+        :func:`target_linears` of ``model``.
+
+    Raises:
+        ValueError: If ``config`` is not a :class:`SparseQuantConfig`, no layer is targeted, or ``m`` (``"n:m"``) or
+            ``block_size`` (any ``fmt`` but ``"none"``) does not divide a target layer's input size.
+    """
+    if not isinstance(config, SparseQuantConfig):
+        raise ValueError(f"sparse_quantize_: `config` must be a SparseQuantConfig, got {type(config).__name__}.")
+    linears = target_linears(model, config)
+    if not linears:
+        raise ValueError(f"sparse_quantize_: no nn.Linear left to process (skip_modules={config.skip_modules}).")
     for name, layer in linears.items():
         size = layer.in_features
         if config.pattern == "n:m" and size % config.m != 0:
@@ -335,6 +361,7 @@ def _check_layers(linears: dict[str, nn.Linear], config: SparseQuantConfig) -> N
             raise ValueError(
                 f"sparse_quantize_: `block_size` ({config.block_size}) must divide the input size {size} of {name!r}."
             )
+    return linears
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
@@ -343,7 +370,7 @@ def sparse_quantize_(
     model: nn.Module,
     config: SparseQuantConfig,
     calib_batches: Iterable[Any] | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: Callable[[Iterable[Any]], Iterable[Any]] | None = None,
 ) -> SparseQuantReport:
     r"""Prunes and fake-quantizes the target linears of ``model`` in place (see the module docstring).
 
@@ -359,7 +386,7 @@ def sparse_quantize_(
         config: The settings.
         calib_batches: Iterable of ``input_ids`` tensors ``[B, T]`` or dicts with ``input_ids`` (and optionally
             ``attention_mask``); required for Wanda / SparseGPT. Default ``None``.
-        progress: Called as ``progress(layer_name, index, total)`` after each layer. Default ``None``.
+        progress: Wrapper of the per-layer iterable (e.g. ``tqdm``). Default ``None``.
 
     Returns:
         The :class:`SparseQuantReport`.
@@ -369,12 +396,7 @@ def sparse_quantize_(
             ``block_size`` (any ``fmt`` but ``"none"``) does not divide a target layer's input size, or no layer is
             targeted.
     """
-    if not isinstance(config, SparseQuantConfig):
-        raise ValueError(f"sparse_quantize_: `config` must be a SparseQuantConfig, got {type(config).__name__}.")
-    linears = target_linears(model, config)
-    if not linears:
-        raise ValueError(f"sparse_quantize_: no nn.Linear left to process (skip_modules={config.skip_modules}).")
-    _check_layers(linears, config)
+    linears = validate_model(model, config)
     stats: dict[str, Any] = {}
     timings: dict[str, float] = {}
     if config.scorer in ("wanda", "sparsegpt"):
@@ -398,11 +420,11 @@ def sparse_quantize_(
     report = SparseQuantReport(config=config.to_dict())
     sums = dict.fromkeys(("norm", "s", "q", "sq", "qs"), 0.0)
     zeros, total = 0, 0
-    for index, (name, layer) in enumerate(linears.items()):
+    for index, (name, layer) in (progress or (lambda it: it))(list(enumerate(linears.items()))):
         weight = layer.weight
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         w = weight.detach().to(dtype)
-        mask, qw, sq, qs = _sq_qs(w, config, stats.get(name))
+        mask, qw, sq, qs = _sq_qs(w, config, stats.get(name), config.seed + index)
         w64 = w.to(torch.float64)
         sqerr = {
             "norm": float(w64.square().sum()),
@@ -420,8 +442,6 @@ def sparse_quantize_(
         entry = _errors(sqerr)
         entry["sparsity"] = float((weight == 0).sum()) / weight.numel()
         report.layers[name] = entry
-        if progress is not None:
-            progress(name, index, len(linears))
     overall = _errors(sums)
     for key in ("eps_s", "eps_q", "eps_sq", "eps_qs", "bound", "excess"):
         setattr(report, key, overall[key])
