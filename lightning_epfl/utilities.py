@@ -114,14 +114,20 @@ EXPORT_MARKER = ".lightning-epfl-export"
 """File in every folder written by :func:`atomic_directory` (marks it as safe to replace by a later export)."""
 
 
-def check_export_target(directory: str | os.PathLike) -> str:
+def check_export_target(directory: str | os.PathLike, replace: bool = True) -> str:
     """Check, before any work, that an export may be written to ``directory`` (see :func:`atomic_directory`).
+
+    Args:
+        directory: The export folder.
+        replace: Whether an earlier export in ``directory`` may be replaced. Default ``True``; with ``False`` any
+            non-empty folder is refused.
 
     Returns:
         The absolute path.
 
     Raises:
-        FileExistsError: If ``directory`` is a file, or a non-empty folder that no export wrote.
+        FileExistsError: If ``directory`` is a file, a non-empty folder that no export wrote, or (``replace=False``)
+            an earlier export.
     """
     directory = os.path.abspath(directory)
     if os.path.lexists(directory):
@@ -132,6 +138,11 @@ def check_export_target(directory: str | os.PathLike) -> str:
             raise FileExistsError(
                 f"{directory!r} already holds files that no export wrote ({sorted(entries)[:3]}...); an export "
                 "replaces its whole folder, so choose a new or empty folder."
+            )
+        if entries and not replace:
+            raise FileExistsError(
+                f"{directory!r} already holds an earlier export; choose a new folder (or allow replacing it, "
+                "e.g. `--overwrite` on the command line)."
             )
     return directory
 

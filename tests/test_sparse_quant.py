@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import warnings
 
 import pytest
@@ -466,3 +467,95 @@ def test_stochastic_rounding_is_seeded_per_layer():
     torch.testing.assert_close(a, expected, atol=0, rtol=0)
     with pytest.raises(ValueError, match="`seed` must be an integer >= 0"):
         SparseQuantConfig(seed=-1)
+
+
+def test_cli_config_file_and_no_silent_replacement(tmp_path, capsys):
+    from lightning_epfl.cli import main
+    from lightning_epfl.datamodules.text import ByteTokenizer
+
+    folder = tmp_path / "tiny"
+    _llama().save_pretrained(folder)
+    ByteTokenizer().save_pretrained(str(folder))
+    (tmp_path / "sq.yaml").write_text("pattern: unstructured\nfmt: mxfp\nelement_format: e2m1\n")
+    out = tmp_path / "out"
+    common = ["--data.block_size", "32", "--eval_batches", "1"]
+    main(["export", "sparse-quant", "--model", str(folder), "--output", str(out), "--config", str(tmp_path / "sq.yaml"),
+          *common])  # fmt: skip
+    saved = json.loads((out / "sparse_quant_config.json").read_text())["sparse_quant"]
+    assert saved["pattern"] == "unstructured" and saved["element_format"] == "e2m1"
+    before = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["export", "sparse-quant", "--model", str(folder), "--output", str(out), *common])
+    assert "already holds an earlier export" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (out / "model.safetensors").read_bytes() == before
+    main(["export", "sparse-quant", "--model", str(folder), "--output", str(out), "--overwrite", "true", *common])
+    assert json.loads((out / "sparse_quant_config.json").read_text())["sparse_quant"]["pattern"] == "n:m"
+
+
+def test_resume_after_the_export_exports_again_only_if_trained_further(tmp_path):
+    from lightning_epfl.export import SparseQuantExport
+
+    cb = SparseQuantExport({"bits": 4}, when="fit_end", eval_batches=1)
+    module, dm, trainer = _export_run(tmp_path, cb, max_steps=2)
+    trainer.fit(module, dm)
+    first = cb.saved_to
+    ckpt = str(tmp_path / "after.ckpt")
+    trainer.save_checkpoint(ckpt)
+    assert cb.export_step == 2
+
+    same = SparseQuantExport({"bits": 4}, when="test_start", eval_batches=1)
+    module2, dm2, trainer2 = _export_run(tmp_path, same)
+    trainer2.test(module2, dm2, ckpt_path=ckpt, verbose=False)
+    assert same.done and same.export_step == 2 and same.saved_to == first  # skipped: the checkpoint is the export
+    assert not os.path.exists(os.path.join(trainer2.log_dir, "sparse_quant"))
+    other = SparseQuantExport({"bits": 8}, when="test_start", eval_batches=1)
+    module4, dm4, trainer4 = _export_run(tmp_path, other)
+    with pytest.raises(MisconfigurationException, match="already sparse-quantized with another config"):
+        trainer4.test(module4, dm4, ckpt_path=ckpt, verbose=False)
+
+    further = SparseQuantExport({"bits": 4}, when="fit_end", eval_batches=1)
+    module3, dm3, trainer3 = _export_run(tmp_path, further, max_steps=4)
+    trainer3.fit(module3, dm3, ckpt_path=ckpt)
+    assert further.export_step == 4 and further.saved_to != first and os.path.isdir(first)
+    assert further.metrics["sparse_quant/eps_s"] > 0  # training moved the pruned weights: pruned again at step 4
+    assert all(_nm_ok(layer.weight) for layer in target_linears(module3.model, further.config).values())
+
+
+def test_export_dir_holding_an_earlier_export_is_refused(tmp_path):
+    from lightning_epfl.export import SparseQuantExport
+
+    target = str(tmp_path / "sq")
+    module, dm, trainer = _export_run(tmp_path, SparseQuantExport(export_dir=target, eval_batches=1), max_steps=1)
+    trainer.fit(module, dm)
+    before = (tmp_path / "sq" / "model.safetensors").read_bytes()
+    module, dm, trainer = _export_run(tmp_path, SparseQuantExport(export_dir=target, eval_batches=1), max_steps=1)
+    with pytest.raises(MisconfigurationException, match="already holds an earlier export"):
+        trainer.fit(module, dm)
+    assert trainer.global_step == 0 and (tmp_path / "sq" / "model.safetensors").read_bytes() == before
+
+
+def test_inconsistent_settings_are_refused_or_warned(tmp_path):
+    from lightning_epfl.export import SparseQuantExport
+
+    with pytest.raises(ValueError, match="`element_format` applies to fmt='mxfp' only"):
+        SparseQuantConfig(fmt="int", element_format="e2m1")
+    with pytest.raises(ValueError, match="scope='tensor' applies to scorer='magnitude' only"):
+        SparseQuantConfig(pattern="unstructured", scope="tensor", scorer="wanda")
+    with pytest.warns(UserWarning, match=r"skip_modules \['lm-head'\] match no nn.Linear"):
+        sparse_quantize_(_llama(), SparseQuantConfig(skip_modules=["lm-head"]))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True))
+    with pytest.warns(UserWarning, match="'lm_head' shares its weight with the input embedding"):
+        sparse_quantize_(tied, SparseQuantConfig(skip_modules=[]))
+    with pytest.raises(MisconfigurationException, match="takes the mask fields one by one"):
+        SparseFinetune(SparseQuantConfig())
+    module, dm, trainer = _export_run(
+        tmp_path, SparseQuantExport({"pattern": "n:m"}, eval_batches=1), max_steps=1,
+        extra=[SparseFinetune(pattern="unstructured")],
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="differ from SparseFinetune's"):
+        trainer.fit(module, dm)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_sparse_quantized(tmp_path / "nowhere")

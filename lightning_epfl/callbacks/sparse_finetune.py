@@ -21,7 +21,12 @@ class SparseFinetune(Callback):
     optimizer of ``trainer.optimizers`` re-applies ``W ← m ⊙ W`` after each ``optimizer.step()``, so pruned weights
     stay exactly 0. Target linears are those of ``pl_module.model`` (if it is a module) or of ``pl_module``, minus
     ``skip_modules`` (:func:`~lightning_epfl.export.sparse_quant.target_linears`). The masks are the callback's
-    state: a resumed run re-uses them instead of recomputing masks from the trained weights.
+    state: a resumed run re-uses them instead of recomputing masks from the trained weights. Logged every training
+    step: ``sparsity/achieved``, the fraction of zeros over all target weights.
+
+    It takes the mask fields one by one (as :class:`~lightning_epfl.export.SparseQuantConfig` names them), not a
+    config object; give :class:`~lightning_epfl.export.SparseQuantExport` the same values to quantize what it
+    produced without pruning further.
 
     Args:
         sparsity: Fraction removed for ``pattern="unstructured"``, in ``[0, 1)``. Default ``0.5``.
@@ -46,6 +51,11 @@ class SparseFinetune(Callback):
         skip_modules: list[str] | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(sparsity, SparseQuantConfig):
+            raise MisconfigurationException(
+                "SparseFinetune takes the mask fields one by one (sparsity=..., pattern=..., n=..., m=..., scope=..., "
+                "skip_modules=...), not a SparseQuantConfig."
+            )
         skip_modules = ["lm_head"] if skip_modules is None else skip_modules
         try:
             self.config = SparseQuantConfig(
@@ -85,15 +95,15 @@ class SparseFinetune(Callback):
                 raise MisconfigurationException("SparseFinetune: the loaded masks do not match the target layers.")
         else:
             c = self.config
-            try:
-                self.masks = {
-                    name: magnitude_mask(
+            masks = {}
+            for name, layer in self._layers.items():
+                try:
+                    masks[name] = magnitude_mask(
                         layer.weight.detach().float(), c.sparsity, pattern=c.pattern, n=c.n, m=c.m, scope=c.scope
                     )
-                    for name, layer in self._layers.items()
-                }
-            except ValueError as err:
-                raise MisconfigurationException(f"SparseFinetune: {err}") from err
+                except ValueError as err:
+                    raise MisconfigurationException(f"SparseFinetune: layer {name!r}: {err}") from err
+            self.masks = masks
         self._apply()
         self._remove_hooks()
         for optimizer in trainer.optimizers:

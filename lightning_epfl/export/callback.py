@@ -21,8 +21,9 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_epfl.export import sparse_quant
@@ -88,7 +89,8 @@ class CompressionExport(Callback):
         calib_from: ``"train"`` or ``"val"``: the datamodule loader the calibration sequences come from.
         evaluate: Measure perplexity before and after (``quant/ppl_fp``, ``quant/ppl_q``). Default ``True``.
         eval_batches: Validation batches used for perplexity (``>= 1``). Default 8.
-        export_dir: Output folder; ``None``: ``<log_dir>/<name>``. ``""``: do not save.
+        export_dir: Output folder; ``None``: ``<log_dir>/<name>``. ``""``: do not save. A folder that already holds
+            files (an earlier export included) is refused before training: nothing written earlier is replaced.
         compare_logits: Log ``<prefix>/max_abs_dlogit``, the largest logit change on the first validation batch
             (what it compares is the subclass's: see :class:`QuaRotExport`, :class:`SparseQuantExport`).
             Default ``True``.
@@ -103,6 +105,8 @@ class CompressionExport(Callback):
     config_class: ClassVar[type[ExportConfig]]
     name: ClassVar[str]
     prefix: ClassVar[str]
+    redo_after_training: ClassVar[bool] = False
+    """Whether a run resumed after the export and trained further exports again at its end."""
 
     def __init__(
         self,
@@ -144,6 +148,7 @@ class CompressionExport(Callback):
         self.metrics: dict[str, float] = {}
         self.report: Any = None
         self.saved_to: str | None = None
+        self.export_step: int | None = None
 
     # ------------------------------------------------------------------------------------------------ method hooks
     def check_model(self, model: torch.nn.Module) -> bool:
@@ -169,6 +174,10 @@ class CompressionExport(Callback):
         """Figures of the transform's report to log beside the perplexities (none by default)."""
         return {}
 
+    def mark(self, model: torch.nn.Module, step: int) -> None:
+        """Record in the model (its config, which checkpoints keep) that it was exported at ``step`` (no-op by
+        default)."""
+
     # --------------------------------------------------------------------------------------------------- mechanism
     @property
     def config_hash(self) -> str:
@@ -179,28 +188,28 @@ class CompressionExport(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(config_hash=self.config_hash)
 
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Before training or testing: the model, the config and the export folder."""
         model = find_causal_lm(pl_module, type(self).__name__)
         try:
             if self.check_model(model):
                 self.done = True
-                return
-            if self.done:
+            again = self.redo_after_training and stage == "fit" and self.when == "fit_end"
+            if self.done and not again:
                 return
             path = self.resolve_export_dir(trainer)
             if path is not None:
-                check_export_target(path)
+                check_export_target(path, replace=False)
         except (ValueError, FileExistsError) as err:
             raise MisconfigurationException(f"{type(self).__name__}: {err}") from err
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check(trainer, pl_module)
+        self._check(trainer, pl_module, "fit")
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check(trainer, pl_module)
+        self._check(trainer, pl_module, "test")
         if self.when == "test_start":
             self.export(trainer, pl_module)
 
@@ -229,10 +238,21 @@ class CompressionExport(Callback):
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         """Compress the module's model in place, evaluate it, log and save; returns the logged figures.
 
-        A run resumed after the export (same config) does not redo it.
+        A run resumed after the export (same config) does not redo it at the step it was done; if it trained further,
+        a subclass with :attr:`redo_after_training` exports again (into the resumed run's folder), the others warn.
         """
+        who = type(self).__name__
         if self.done:
-            return self.metrics
+            fitting = trainer.state.fn == TrainerFn.FITTING
+            if not fitting or self.export_step is None or trainer.global_step == self.export_step:
+                rank_zero_info(f"{who}: already exported at step {self.export_step} ({self.saved_to}); skipped.")
+                return self.metrics
+            if not self.redo_after_training:
+                rank_zero_warn(
+                    f"{who}: the model was exported at step {self.export_step} and trained up to step "
+                    f"{trainer.global_step} since; it is not exported again."
+                )
+                return self.metrics
         model = find_causal_lm(pl_module, type(self).__name__)
         was_training = model.training
         model.eval()
@@ -255,6 +275,7 @@ class CompressionExport(Callback):
                 return tqdm(items, desc=desc, leave=False)
 
         self.report, dlogit = self.transform(model, self._batches(trainer, self.calib_from), check, progress)
+        self.mark(model, trainer.global_step)
         if dlogit is not None:
             metrics[f"{self.prefix}/max_abs_dlogit"] = dlogit
         metrics.update(self.report_metrics(self.report))
@@ -270,18 +291,26 @@ class CompressionExport(Callback):
             tokenizer = getattr(trainer.datamodule, "tokenizer", None)
             self.saved_to = self.save(model, path, tokenizer)
             rank_zero_info(f"{type(self).__name__}: wrote {self.saved_to} ({_summary(metrics)})")
-        self.metrics, self.done = metrics, True
+        self.metrics, self.done, self.export_step = metrics, True, trainer.global_step
         return metrics
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"done": self.done, "config_hash": self.config_hash, "metrics": dict(self.metrics)}
+        return {
+            "done": self.done,
+            "config_hash": self.config_hash,
+            "metrics": dict(self.metrics),
+            "step": self.export_step,
+            "saved_to": self.saved_to,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("config_hash") == self.config_hash:
             self.done = bool(state_dict.get("done", False))
             self.metrics = dict(state_dict.get("metrics", {}))
+            self.export_step = state_dict.get("step")
+            self.saved_to = state_dict.get("saved_to")
 
 
 class QuaRotExport(CompressionExport):
@@ -356,6 +385,10 @@ class SparseQuantExport(CompressionExport):
     (:func:`~lightning_epfl.export.save_sparse_quantized`) holds plain weights that ``from_pretrained`` loads, plus
     the config and report; :func:`~lightning_epfl.export.load_sparse_quantized` reads both.
 
+    The model's config records the export (``sparse_quant``: config and step), and checkpoints keep it: a run
+    resumed from a checkpoint written after the export skips it at the same step (``test``), and exports again at
+    its end if it trained further (the weights moved off the quantization grid), into the resumed run's folder.
+
     Raises:
         MisconfigurationException: As :class:`CompressionExport`; also a config the model cannot take (``m`` or
             ``block_size`` not dividing a layer's input size, nothing left after ``skip_modules``).
@@ -364,12 +397,42 @@ class SparseQuantExport(CompressionExport):
     config_class = sparse_quant.SparseQuantConfig
     name = "sparse_quant"
     prefix = "sparse_quant"
+    redo_after_training = True
 
     @override
     def check_model(self, model: torch.nn.Module) -> bool:
-        if not self.done:
-            sparse_quant.validate_model(model, self.config)
+        marker = getattr(model.config, "sparse_quant", None)
+        if isinstance(marker, dict) and not self.done:  # compressed weights restored from a checkpoint
+            if marker.get("config") != self.config.to_dict():
+                raise ValueError(
+                    "the checkpoint holds a model already sparse-quantized with another config; start from the float "
+                    "model or use the same config."
+                )
+            self.export_step = marker.get("step")
+            return True
+        sparse_quant.validate_model(model, self.config)
         return False
+
+    @override
+    def mark(self, model: torch.nn.Module, step: int) -> None:
+        model.config.sparse_quant = {"config": self.config.to_dict(), "step": step}
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        from lightning_epfl.callbacks.sparse_finetune import SparseFinetune
+
+        shape = ("n", "m") if self.config.pattern == "n:m" else ("sparsity", "scope")
+        fields = ("pattern", *shape, "skip_modules")
+        for callback in trainer.callbacks:
+            if isinstance(callback, SparseFinetune):
+                theirs = {f: getattr(callback.config, f) for f in fields}
+                ours = {f: getattr(self.config, f) for f in fields}
+                if theirs != ours:
+                    rank_zero_warn(
+                        f"SparseQuantExport: its mask settings {ours} differ from SparseFinetune's {theirs}; the "
+                        "export will prune the fine-tuned weights again with its own rule."
+                    )
 
     @override
     def transform(

@@ -38,8 +38,11 @@ def _parser(method: str) -> Any:
     parser.add_dataclass_arguments(_callback_class(method).config_class, "config")
     parser.add_argument("--data.paths", type=list[str] | None, default=None, help="local text files (default pydoc)")
     parser.add_argument("--data.block_size", type=int, default=512, help="tokens per calibration/evaluation sequence")
-    parser.add_argument("--eval_batches", type=int, default=8, help="evaluation sequences (0: skip perplexity)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--eval_batches", type=int, default=8, help="evaluation sequences (0: skip perplexity and max_abs_dlogit)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the text split and sampling (not config.seed)")
+    parser.add_argument("--overwrite", type=bool, default=False, help="replace an earlier export in --output")
     return parser
 
 
@@ -49,7 +52,8 @@ def export_main(argv: Sequence[str]) -> dict[str, Any]:
     Raises:
         ValueError: An unknown method (the message names the known ones) or a bad option value, before the model
             is loaded; a config the model cannot take, before it is changed.
-        FileExistsError: ``--output`` is a file or a folder holding files no export wrote.
+        FileExistsError: ``--output`` is a file or a non-empty folder (an earlier export is replaced only with
+            ``--overwrite``).
     """
     if argv and argv[0] in ("-h", "--help"):
         print(f"usage: lightning-epfl export {{{','.join(METHODS)}}} [options]; `lightning-epfl export quarot --help`")
@@ -68,11 +72,14 @@ def export_main(argv: Sequence[str]) -> dict[str, Any]:
     from lightning_epfl.utilities import check_export_target
 
     callback_class = _callback_class(method)
-    fields = args.config if dataclasses.is_dataclass(args.config) else vars(args.config)
-    config = fields if isinstance(fields, callback_class.config_class) else callback_class.config_class(**fields)
+    if dataclasses.is_dataclass(args.config):
+        config = args.config
+    else:  # a Namespace (holding `__path__` when read from a --config file)
+        fields = {k: v for k, v in vars(args.config).items() if not k.startswith("__")}
+        config = callback_class.config_class.from_dict(fields)
     if args.eval_batches < 0:
         raise ValueError(f"`eval_batches` must be >= 0, got {args.eval_batches}.")
-    check_export_target(args.output)  # before any work
+    check_export_target(args.output, replace=args.overwrite)  # before any work
     export = callback_class(config, when="manual", export_dir=args.output)
     folder = resolve_pretrained(args.model, argument="model")
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).eval()

@@ -97,7 +97,9 @@ class SparseQuantConfig(ExportConfig):
         scorer: ``"magnitude"`` (default, ``|W|``), ``"wanda"`` (``|W|·‖X_j‖``, needs calibration) or
             ``"sparsegpt"`` (OBS pruning with weight updates, needs calibration).
         fmt: Block format ``"int"`` (default), ``"hbfp"``, ``"mxint"``, ``"mxfp"`` or ``"none"`` (no quantization).
-        bits: Bits of the format (see :func:`~lightning_epfl.functional.formats.block_quantize`). Default ``4``.
+        bits: Total bits (``"int"``), mantissa bits (``"hbfp"``: 7 for HBFP8) or element bits (``"mxint"``: 8 for
+            MXINT8); ignored for ``"mxfp"``, whose ``element_format`` sets the width (see
+            :func:`~lightning_epfl.functional.formats.block_quantize`). Default ``4``.
         element_format: Element format for ``fmt="mxfp"`` (e.g. ``"e2m1"``). Default ``None``.
         block_size: Elements per shared scale along the input dimension; must divide every target layer's input
             size. Default ``32``.
@@ -143,6 +145,16 @@ class SparseQuantConfig(ExportConfig):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"SparseQuantConfig: `{name}` must be an integer >= 1, got {value!r}.")
+        if self.element_format is not None and self.fmt != "mxfp":
+            raise ValueError(
+                f"SparseQuantConfig: `element_format` applies to fmt='mxfp' only, got {self.element_format!r} with "
+                f"fmt={self.fmt!r}; remove it or set fmt='mxfp'."
+            )
+        if self.scope == "tensor" and self.scorer != "magnitude":
+            raise ValueError(
+                f"SparseQuantConfig: scope='tensor' applies to scorer='magnitude' only (Wanda and SparseGPT decide "
+                f"per row), got scorer={self.scorer!r}."
+            )
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"SparseQuantConfig: `seed` must be an integer >= 0, got {self.seed!r}.")
         if self.n > self.m:
@@ -334,6 +346,14 @@ def _sq_qs(w: Tensor, config: SparseQuantConfig, stat: Any, seed: int = 0) -> tu
     return mask, qw, sq, qs
 
 
+def _tied_input_embedding(model: nn.Module, linears: dict[str, nn.Linear]) -> str | None:
+    """The name of a target linear whose weight is the input embedding's (``None`` if none is)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    weight = getattr(embedding, "weight", None)
+    return next((n for n, layer in linears.items() if weight is not None and layer.weight is weight), None)
+
+
 def validate_model(model: nn.Module, config: SparseQuantConfig) -> dict[str, nn.Linear]:
     """Checks, without changing anything, that ``config`` applies to ``model``; returns its target linears.
 
@@ -347,12 +367,33 @@ def validate_model(model: nn.Module, config: SparseQuantConfig) -> dict[str, nn.
     Raises:
         ValueError: If ``config`` is not a :class:`SparseQuantConfig`, no layer is targeted, or ``m`` (``"n:m"``) or
             ``block_size`` (any ``fmt`` but ``"none"``) does not divide a target layer's input size.
+
+    Warns:
+        UserWarning: A ``skip_modules`` entry that matches no linear, or a target linear tied to the input
+            embedding.
     """
     if not isinstance(config, SparseQuantConfig):
         raise ValueError(f"sparse_quantize_: `config` must be a SparseQuantConfig, got {type(config).__name__}.")
     linears = target_linears(model, config)
     if not linears:
         raise ValueError(f"sparse_quantize_: no nn.Linear left to process (skip_modules={config.skip_modules}).")
+    names = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    unmatched = [s for s in config.skip_modules if not any(n == s or n.endswith("." + s) for n in names)]
+    if unmatched:
+        warnings.warn(
+            f"sparse_quantize_: skip_modules {unmatched} match no nn.Linear (entries are whole trailing parts of a "
+            f"qualified name, e.g. {names[-1]!r}); nothing is skipped for them.",
+            UserWarning,
+            stacklevel=3,
+        )
+    shared = _tied_input_embedding(model, linears)
+    if shared:
+        warnings.warn(
+            f"sparse_quantize_: {shared!r} shares its weight with the input embedding (tied embeddings); pruning and "
+            "quantizing it changes the embedding too. Add it to skip_modules to keep both dense.",
+            UserWarning,
+            stacklevel=3,
+        )
     for name, layer in linears.items():
         size = layer.in_features
         if config.pattern == "n:m" and size % config.m != 0:
@@ -511,6 +552,8 @@ def load_sparse_quantized(directory: str | os.PathLike, model_class: Any = None)
     Raises:
         FileNotFoundError: If ``directory`` holds no :data:`SPARSE_QUANT_CONFIG_FILE`.
     """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{str(directory)!r} does not exist or is not a folder.")
     if not os.path.isfile(os.path.join(directory, SPARSE_QUANT_CONFIG_FILE)):
         raise FileNotFoundError(f"{str(directory)!r} is not a sparse-quant export (no {SPARSE_QUANT_CONFIG_FILE}).")
     if model_class is None:

@@ -335,14 +335,15 @@ class CausalLMModule(LightningModule):
     def _match_stored_config(self, stored: dict[str, Any]) -> None:
         """Before a checkpoint's weights load into a model built from the run's arguments: untie ``lm_head`` when the
         checkpointed model had it untied (an export transform rotates the two differently), and carry over the
-        ``quarot`` marker such a transform leaves in the config."""
+        ``quarot`` / ``sparse_quant`` markers the export transforms leave in the config."""
         model: Any = self.model
         head, embed = model.get_output_embeddings(), model.get_input_embeddings()
         if stored.get("tie_word_embeddings") is False and head is not None and head.weight is embed.weight:
             head.weight = torch.nn.Parameter(embed.weight.detach().clone())
             model.config.tie_word_embeddings = False
-        if "quarot" in stored:
-            model.config.quarot = stored["quarot"]
+        for marker in ("quarot", "sparse_quant"):
+            if marker in stored:
+                setattr(model.config, marker, stored[marker])
 
     def save_pretrained(self, directory: str) -> None:
         """Write a ``transformers``-loadable model and its tokenizer description to ``directory``.
