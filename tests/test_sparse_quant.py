@@ -559,3 +559,20 @@ def test_inconsistent_settings_are_refused_or_warned(tmp_path):
         trainer.fit(module, dm)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_sparse_quantized(tmp_path / "nowhere")
+
+
+def test_cli_refuses_a_busy_export_dir_before_the_log_folder(tmp_path, capsys):
+    from pathlib import Path
+
+    from lightning_epfl.cli import main
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    example = Path(__file__).resolve().parents[1] / "examples" / "sparse_quant_smollm2.yaml"
+    with pytest.raises(SystemExit):
+        main(["test", "--config", str(example), "--model.init_args.pretrained_path=null",
+              "--data.init_args.tokenizer_path=null", f"--trainer.default_root_dir={tmp_path / 'run'}",
+              f"--trainer.callbacks.init_args.export_dir={busy}"])  # fmt: skip
+    assert "SparseQuantExport" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()

@@ -203,6 +203,17 @@ class CompressionExport(Callback):
         except (ValueError, FileExistsError) as err:
             raise MisconfigurationException(f"{type(self).__name__}: {err}") from err
 
+    def check_config(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule: pl.LightningDataModule | None = None
+    ) -> None:
+        """Checks that need no model, run by the CLI before any log folder exists: an explicit ``export_dir`` that
+        holds files (the checks that need the built model run at fit or test start)."""
+        if self.export_dir and not self.done:
+            try:
+                check_export_target(self.export_dir, replace=False)
+            except FileExistsError as err:
+                raise MisconfigurationException(f"{type(self).__name__}: {err}") from err
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check(trainer, pl_module, "fit")
