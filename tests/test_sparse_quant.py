@@ -576,3 +576,22 @@ def test_cli_refuses_a_busy_export_dir_before_the_log_folder(tmp_path, capsys):
               f"--trainer.callbacks.init_args.export_dir={busy}"])  # fmt: skip
     assert "SparseQuantExport" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("scorer", ["wanda", "sparsegpt"])
+def test_padding_is_left_out_of_the_calibration_statistics(scorer):
+    """A right-padded batch (mask 0 on the padding) gives the statistics of its unpadded sequences: same result as
+    calibrating on each sequence alone."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, 256, (1, 32), generator=g), torch.randint(0, 256, (1, 20), generator=g)
+    padded = torch.cat([a, torch.cat([b, torch.zeros(1, 12, dtype=torch.long)], 1)])
+    mask = torch.cat([torch.ones(1, 32), torch.cat([torch.ones(1, 20), torch.zeros(1, 12)], 1)]).long()
+    config = SparseQuantConfig(pattern="unstructured", scorer=scorer, fmt="none")
+    together, alone = _llama(), _llama()
+    sparse_quantize_(together, config, [{"input_ids": padded, "attention_mask": mask}])
+    sparse_quantize_(alone, config, [{"input_ids": a}, {"input_ids": b}])
+    for (name, p), q in zip(together.named_parameters(), alone.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+    unmasked = _llama()
+    sparse_quantize_(unmasked, config, [{"input_ids": padded}])
+    assert any(not torch.equal(p, q) for p, q in zip(unmasked.parameters(), alone.parameters()))  # padding would count

@@ -240,7 +240,8 @@ def _collect_statistics(
     calib: list[tuple[Tensor, Tensor | None]],
     scorer: str,
 ) -> dict[str, Any]:
-    """Runs the dense model over ``calib`` with forward pre-hooks on ``linears``.
+    """Runs the dense model over ``calib`` with forward pre-hooks on ``linears``; positions an ``attention_mask``
+    marks as padding are left out of the statistics.
 
     Returns:
         Per layer name: the ``[in]`` input norms ``‖X_{:,j}‖₂`` (``scorer="wanda"``) or a
@@ -249,10 +250,14 @@ def _collect_statistics(
     sq_norms: dict[str, Tensor] = {}
     hessians: dict[str, HessianAccumulator] = {}
     handles = []
+    current: dict[str, Tensor | None] = {"mask": None}
 
     def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
+            mask = current["mask"]
+            if mask is not None and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask.to(x.device).bool()]  # [real tokens, in]
             if scorer == "wanda":
                 norms = input_norms(x).to(torch.float64) ** 2
                 sq_norms[name] = norms if name not in sq_norms else sq_norms[name] + norms
@@ -268,6 +273,7 @@ def _collect_statistics(
     device = next(model.parameters()).device
     try:
         for ids, mask in calib:
+            current["mask"] = mask
             model(input_ids=ids.to(device), attention_mask=None if mask is None else mask.to(device))
     finally:
         for handle in handles:
