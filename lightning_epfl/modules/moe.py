@@ -1123,8 +1123,9 @@ def moe_aux_loss(
         layer.last_aux = None
     if not auxes:
         raise RuntimeError("moe_aux_loss: no MoE layer has run since the last call.")
-    lb = torch.stack([a.lb.float() for a in auxes]).mean()
-    z = torch.stack([a.z.float() for a in auxes]).mean()
+    dtype = torch.float64 if any(a.lb.dtype == torch.float64 for a in auxes) else torch.float32
+    lb = torch.stack([a.lb.to(dtype) for a in auxes]).mean()
+    z = torch.stack([a.z.to(dtype) for a in auxes]).mean()
     dropped = torch.stack([a.dropped_frac.float() for a in auxes]).mean()
     total = router_aux_loss_coef * lb + router_z_loss_coef * z
     return total, {"lb": lb.detach(), "z": z.detach(), "dropped_frac": dropped.detach()}
