@@ -16,6 +16,7 @@ from lightning_epfl.functional.moe import (
     normalized_mutual_information,
     pool_router_logits,
     route_top_k,
+    router_statistics,
     router_z_loss,
 )
 from lightning_epfl.metrics import RoutingNMI
@@ -147,6 +148,24 @@ def test_router_z_loss_closed_form_and_load():
     torch.testing.assert_close(load, torch.tensor([3, 2, 1, 0]) / 6.0)
     with pytest.raises(ValueError, match="indices"):
         expert_load(torch.tensor([[4]]), 4)
+
+
+def test_router_statistics_agree_with_the_separate_functions():
+    """One-pass statistics equal load_balancing_loss, router_z_loss, expert_load and the entropy of softmax(h)."""
+    logits = _untied_logits(10, 5, torch.float64, seed=4)
+    probs, _, idx = route_top_k(logits, 2)
+    for mask in (None, torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1, 1]).bool()):
+        got = router_statistics(probs, idx, 5, logits, mask)
+        torch.testing.assert_close(got["lb"], load_balancing_loss(probs, idx, 5, mask), rtol=1e-12, atol=0)
+        torch.testing.assert_close(got["z"], router_z_loss(logits, mask), rtol=1e-12, atol=0)
+        torch.testing.assert_close(got["load"], expert_load(idx, 5, mask))
+        keep = torch.ones(10, dtype=torch.bool) if mask is None else mask
+        entropy = -(probs * probs.log()).sum(-1)[keep].mean()
+        torch.testing.assert_close(got["entropy"], entropy, rtol=1e-10, atol=0)
+        torch.testing.assert_close(got["mean_probs"], probs[keep].mean(0))
+        no_logits = router_statistics(probs, idx, 5, None, mask)
+        assert no_logits["z"].item() == 0.0
+        torch.testing.assert_close(no_logits["entropy"], entropy, rtol=1e-10, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch

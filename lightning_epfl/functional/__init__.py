@@ -48,6 +48,7 @@ from lightning_epfl.functional.moe import (
     normalized_mutual_information,
     pool_router_logits,
     route_top_k,
+    router_statistics,
     router_z_loss,
 )
 from lightning_epfl.functional.quantize import (
@@ -166,6 +167,7 @@ __all__ = [
     "reptile_task_grad",
     "resolve_cooldown",
     "route_top_k",
+    "router_statistics",
     "router_z_loss",
     "rtn_quantize",
     "search_clip_ratio",

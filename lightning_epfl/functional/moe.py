@@ -9,7 +9,8 @@ Fan, Messmer & Jaggi, *Towards an empirical understanding of MoE design choices*
 * :func:`pool_router_logits`: sequence-level routing by pooling token logits over positions (``mean``,
   ``causal_mean``, ``prefix``), padding excluded;
 * :func:`load_balancing_loss` (Switch Transformer, arXiv:2101.03961, Eq. 4-6) and :func:`router_z_loss`
-  (ST-MoE, arXiv:2202.08906, Eq. 5);
+  (ST-MoE, arXiv:2202.08906, Eq. 5), and both with the load and router entropy in one pass
+  (:func:`router_statistics`);
 * :func:`expert_load`: the fraction of assignments each expert receives;
 * :func:`moe_dispatch`: run the experts on the rows routed to them (sorted by expert, one grouped computation, no
   loop over tokens) with an optional capacity, and combine the weighted outputs;
@@ -41,6 +42,7 @@ __all__ = [
     "normalized_mutual_information",
     "pool_router_logits",
     "route_top_k",
+    "router_statistics",
     "router_z_loss",
 ]
 
@@ -233,6 +235,61 @@ def router_z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     return z.sum() / _valid_count(m, logits.shape[0], z).clamp_min(1)
 
 
+def router_statistics(
+    probs: Tensor,
+    indices: Tensor,
+    num_experts: int,
+    logits: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> dict[str, Tensor]:
+    r"""The auxiliary losses and routing statistics of one routing decision, in one pass.
+
+    Over the valid units: ``lb`` = :func:`load_balancing_loss`, ``z`` = :func:`router_z_loss` (0 without
+    ``logits``), ``load`` = :func:`expert_load`, ``mean_probs`` = ``P_e`` (mean router probability per expert) and
+    ``entropy`` = the mean entropy (nats) of the units' router distributions, ``logsumexp(h) - Σ_e p_e h_e`` (from
+    ``probs`` alone without logits). ``lb`` and ``z`` keep their gradients; the rest is detached.
+
+    Args:
+        probs: Router probabilities ``[U, E]``.
+        indices: Chosen experts ``[U, k]`` (assumed in ``0..E-1``; not checked, unlike :func:`expert_load`).
+        num_experts: ``E``.
+        logits: Router logits ``[U, E]`` or ``None``.
+        mask: Valid units ``[U]``; ``None``: all valid.
+
+    Returns:
+        ``{"lb", "z", "load", "mean_probs", "entropy"}``.
+    """
+    units, k = indices.shape
+    if mask is None:
+        count = torch.tensor(float(max(units, 1)), dtype=probs.dtype, device=probs.device)
+        mean_p = probs.sum(dim=0) / count
+        counts = torch.bincount(indices.reshape(-1), minlength=num_experts)
+    else:
+        w = mask.to(probs.dtype)
+        count = w.sum().clamp_min(1)
+        mean_p = (probs * w[:, None]).sum(dim=0) / count
+        counts = torch.bincount(indices.reshape(-1), weights=w.repeat_interleave(k), minlength=num_experts)
+    load = counts.to(torch.float32) / counts.sum().clamp_min(1)
+    lb = num_experts * (load.to(probs.dtype) * mean_p).sum()
+
+    def masked_mean(v: Tensor) -> Tensor:
+        return (v if mask is None else v * mask.to(v.dtype)).sum() / count.to(v.dtype)
+
+    with torch.no_grad():
+        p = probs.detach()
+        if logits is None:
+            entropy = masked_mean(-(p * p.clamp_min(1e-30).log()).sum(-1))
+    if logits is not None:
+        h = logits.to(_router_dtype(logits))
+        lse = torch.logsumexp(h, dim=-1)
+        z = masked_mean(lse**2)
+        with torch.no_grad():
+            entropy = masked_mean(lse.detach() - (p.to(h.dtype) * h.detach()).sum(-1))
+    else:
+        z = probs.new_zeros(())
+    return {"lb": lb, "z": z, "load": load, "mean_probs": mean_p.detach(), "entropy": entropy}
+
+
 def moe_dispatch(
     x: Tensor,
     indices: Tensor,
@@ -290,12 +347,10 @@ def moe_dispatch(
     m = _check_mask(mask, (n,))
     device = x.device
     flat_e = indices.t().reshape(-1)  # choice-major: first choices of all rows, then second choices, ...
-    flat_row = torch.arange(n, device=device).repeat(k)
-    flat_w = weights.t().reshape(-1)
-    position = None  # where each surviving assignment sits in the choice-major list (None: all of them)
+    position = None  # choice-major ids of the valid assignments (None: all of them)
     if m is not None:
         position = m.repeat(k).nonzero().squeeze(1)
-        flat_e, flat_row, flat_w = flat_e[position], flat_row[position], flat_w[position]
+        flat_e = flat_e[position]
     sorted_e, order = torch.sort(flat_e, stable=True)
     counts = torch.bincount(flat_e, minlength=num_experts)
     if capacity is not None:
@@ -303,13 +358,15 @@ def moe_dispatch(
         keep = (torch.arange(sorted_e.numel(), device=device) - starts[sorted_e]) < capacity
         order = order[keep]
         counts = counts.clamp_max(capacity)
-    rows = flat_row[order]
-    y = _run_experts(x[rows], counts.tolist(), experts, per_expert)
-    y = y * flat_w[order, None].to(y.dtype)
+    assignment = order if position is None else position[order]  # choice-major ids, grouped by expert
+    rows = assignment % n
+    y = _run_experts(x.index_select(0, rows), counts.tolist(), experts, per_expert)
+    y = y * weights.t().reshape(-1).index_select(0, assignment)[:, None].to(y.dtype)
     out = torch.zeros(n, y.shape[-1], dtype=y.dtype, device=device).index_add(0, rows, y)
+    if capacity is None and position is None:
+        return out, torch.ones(n, k, dtype=torch.bool, device=device)
     kept_flat = torch.zeros(n * k, dtype=torch.bool, device=device)
-    chosen = order if position is None else position[order]
-    kept_flat[chosen] = True
+    kept_flat[assignment] = True
     return out, kept_flat.view(k, n).t()
 
 
