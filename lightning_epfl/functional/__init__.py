@@ -1,7 +1,8 @@
 """Pure math, no Lightning: schedules, averaging, ranks, topology, collaborative metrics, CoBo, meta-gradients,
 trust scores and LoRA mixing (``functional.trust``), Hadamard matrices and transforms (``functional.hadamard``), fake
 quantizers with RTN and GPTQ (``functional.quantize``), block formats INT/HBFP/MX (``functional.formats``), pruning
-masks and SparseGPT (``functional.sparsity``); the privacy accounting lives in ``functional.privacy``."""
+masks and SparseGPT (``functional.sparsity``), mixture-of-experts routing (``functional.moe``); the privacy accounting
+lives in ``functional.privacy``."""
 
 from lightning_epfl.functional.collab_metrics import (
     adjusted_rand_index,
@@ -36,6 +37,19 @@ from lightning_epfl.functional.meta import (
 from lightning_epfl.functional.meta_optim import (
     global_norm,
     outer_step_scale,
+)
+from lightning_epfl.functional.moe import (
+    BYTE_TOKEN_CLASSES,
+    byte_token_classes,
+    capacity_slots,
+    expert_load,
+    load_balancing_loss,
+    moe_dispatch,
+    normalized_mutual_information,
+    pool_router_logits,
+    route_top_k,
+    router_statistics,
+    router_z_loss,
 )
 from lightning_epfl.functional.quantize import (
     HessianAccumulator,
@@ -92,6 +106,7 @@ from lightning_epfl.functional.trust import (
 )
 
 __all__ = [
+    "BYTE_TOKEN_CLASSES",
     "CooldownShape",
     "HessianAccumulator",
     "MixingReport",
@@ -101,12 +116,15 @@ __all__ = [
     "adjusted_rand_index",
     "batched_task_grad",
     "block_quantize",
+    "byte_token_classes",
+    "capacity_slots",
     "check_mixing_matrix",
     "cluster_assignments",
     "consensus_distance",
     "cooldown_factor",
     "dead_units",
     "effective_rank",
+    "expert_load",
     "fo_b_maml_task_grad",
     "fomaml_task_grad",
     "global_norm",
@@ -119,18 +137,22 @@ __all__ = [
     "inner_adapt",
     "input_norms",
     "inverse_hessian_cholesky",
+    "load_balancing_loss",
     "lora_product_truncation_error",
     "magnitude_mask",
     "maml_task_grad",
     "mix_lora",
     "mixing_contraction",
     "mixing_matrix",
+    "moe_dispatch",
+    "normalized_mutual_information",
     "numerical_rank",
     "obs_sweep",
     "orthogonality",
     "outer_step_scale",
     "pair_accuracy",
     "pca_rank",
+    "pool_router_logits",
     "prediction_distances",
     "prediction_scores",
     "quadratic_fomaml_fixed_point",
@@ -144,6 +166,9 @@ __all__ = [
     "recovery_metrics",
     "reptile_task_grad",
     "resolve_cooldown",
+    "route_top_k",
+    "router_statistics",
+    "router_z_loss",
     "rtn_quantize",
     "search_clip_ratio",
     "sparse_quantize",

@@ -1,3 +1,5 @@
-"""lightning_epfl.metrics"""
+"""torchmetrics ``Metric`` classes over :mod:`lightning_epfl.functional`: routing specialization (``RoutingNMI``)."""
 
-__all__: list[str] = []
+from lightning_epfl.metrics.routing import RoutingNMI
+
+__all__ = ["RoutingNMI"]

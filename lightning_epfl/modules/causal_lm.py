@@ -3,6 +3,8 @@
 
 A LightningModule around any ``transformers`` causal LM: a small Llama built from a config (default about 0.8M
 parameters with the byte vocabulary, trainable on 2 CPU cores in minutes), or a model loaded from a local folder.
+With ``moe=MoEConfig(...)`` the MLPs of its blocks become mixture-of-experts layers
+(:mod:`lightning_epfl.modules.moe`) and their auxiliary losses are added to the training loss.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_epfl.models import check_pretrained, resolve_pretrained
+from lightning_epfl.modules.moe import MoEConfig, moe_aux_loss, replace_mlps_with_moe, routing_context
 from lightning_epfl.utilities import atomic_directory, step_scheduler_config
 
 DEFAULT_LLAMA_CONFIG: dict[str, Any] = {
@@ -63,7 +67,19 @@ class CausalLMModule(LightningModule):
     cheap and the vocabulary size can come from the datamodule (``trainer.datamodule.vocab_size``).
 
     Logged: ``train/loss`` (per step, nats/token), ``val/loss`` (token-weighted mean over the validation set),
-    ``val/ppl`` (``exp(val/loss)``), and the same under ``test/``.
+    ``val/ppl`` (``exp(val/loss)``), and the same under ``test/``. Batches with a ``"domain"`` entry (``[B]`` domain
+    ids, e.g. from :class:`~lightning_epfl.datamodules.multi_domain.MultiDomainTextDataModule`) also give
+    ``val/ppl/<domain>`` per domain (named by the datamodule's ``domain_names`` when it has them).
+
+    With ``moe``: the blocks' MLPs become :class:`~lightning_epfl.modules.moe.MoEMLP` layers after the model is built
+    or loaded (``expert_init="copy"`` upcycles a pretrained model), and the training loss is
+    ``train/loss = train/lm_loss + router_aux_loss_coef · moe/lb + router_z_loss_coef · moe/z`` (layer means, from
+    :func:`~lightning_epfl.modules.moe.moe_aux_loss`); ``moe/lb``, ``moe/z`` and ``moe/dropped_frac`` are always
+    logged. The batch's ``attention_mask`` and ``"domain"`` ids reach the routers (``routing="label"`` needs the
+    latter). Sequence routing with ``sequence_pooling="mean"`` warns: in a causal LM each position then sees the
+    future tokens of its sequence. A MoE model is not a ``transformers`` architecture, so :meth:`save_pretrained`
+    refuses it (use the Lightning checkpoint). With ``lora`` the expert and router weights stay frozen unless
+    ``modules_to_save`` lists them.
 
     It is also a collaborative client (``client_loss``, ``client_metrics`` with ``nll_sum``/``tokens``,
     ``metrics_from_sums``): under ``CollaborativeStrategy`` with ``lora=...`` only the adapters are stacked per
@@ -87,12 +103,17 @@ class CausalLMModule(LightningModule):
         attn_implementation: ``transformers`` attention kernel (``"eager"``, ``"sdpa"``; ``None``: the library's
             default). ``"eager"`` lets ``torch.func.vmap`` batch clients through attention (collaborative clients
             with ``execution="vmap"``); fused kernels have no batching rule and fall back to a loop.
+        moe: :class:`~lightning_epfl.modules.moe.MoEConfig` (a dict of its fields is accepted too) to turn the MLPs
+            into mixture-of-experts layers; ``None`` (default): the dense model.
+        router_aux_loss_coef: Weight ``α_lb >= 0`` of the load-balancing loss (default 0.01, Switch Transformer).
+        router_z_loss_coef: Weight ``α_z >= 0`` of the router z-loss (default 1e-3, ST-MoE).
 
     Raises:
         MisconfigurationException: If both ``config`` and ``pretrained_path`` are given, ``pretrained_path`` is not
             a model folder, a ``.gguf`` file or a packaged model name (or its package is missing; the message gives
-            the install command), or (in ``configure_model``) no vocabulary size is known or the datamodule's
-            tokenizer is not the pretrained model's.
+            the install command), ``moe`` is not a valid ``MoEConfig``, a loss coefficient is negative, or (in
+            ``configure_model``) no vocabulary size is known, the datamodule's tokenizer is not the pretrained
+            model's, or the model has no MLP the MoE layers recognize.
     """
 
     def __init__(
@@ -103,10 +124,17 @@ class CausalLMModule(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lora: dict | None = None,
         attn_implementation: str | None = None,
+        moe: MoEConfig | None = None,
+        router_aux_loss_coef: float = 0.01,
+        router_z_loss_coef: float = 1e-3,
     ) -> None:
         super().__init__()
         if config is not None and pretrained_path is not None:
             raise MisconfigurationException("Give either `config` or `pretrained_path`, not both.")
+        moe_config = _moe_config(moe)
+        for name, value in (("router_aux_loss_coef", router_aux_loss_coef), ("router_z_loss_coef", router_z_loss_coef)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise MisconfigurationException(f"CausalLMModule: `{name}` must be a number >= 0, got {value!r}.")
         if pretrained_path is not None:
             try:
                 check_pretrained(pretrained_path, "pretrained_path")
@@ -114,13 +142,17 @@ class CausalLMModule(LightningModule):
                 raise MisconfigurationException(str(err)) from err
         # the optimizer/scheduler factories stay out of the checkpoint so that it loads with `weights_only=True`;
         # LightningCLI records them in config.yaml
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "moe"])
+        self.hparams["moe"] = None if moe_config is None else moe_config.to_dict()  # plain data: `weights_only` loads
         self.config = dict(config or {})
         self.pretrained_path = pretrained_path
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.lora = lora
         self.attn_implementation = attn_implementation
+        self.moe = moe_config
+        self.router_aux_loss_coef = float(router_aux_loss_coef)
+        self.router_z_loss_coef = float(router_z_loss_coef)
         self.model: torch.nn.Module | None = None
         self._hf_config: dict | None = None
         self._tokenizer: Any = None
@@ -177,6 +209,18 @@ class CausalLMModule(LightningModule):
         if self.attn_implementation is not None:
             model.set_attn_implementation(self.attn_implementation)
         self._hf_config = model.config.to_dict()
+        if self.moe is not None:
+            try:
+                replace_mlps_with_moe(model, self.moe)
+            except ValueError as err:
+                raise MisconfigurationException(f"CausalLMModule `moe`: {err}") from err
+            if self.moe.routing == "sequence" and self.moe.sequence_pooling == "mean":
+                rank_zero_warn(
+                    "CausalLMModule: `moe.sequence_pooling='mean'` routes every position by the mean of its whole "
+                    "sequence, future tokens included; in a causal LM this leaks the tokens being predicted. Use "
+                    "'causal_mean' (the default) to compare perplexities.",
+                    category=RuntimeWarning,
+                )
         if self.lora is not None:
             from peft import LoraConfig, get_peft_model
 
@@ -241,9 +285,18 @@ class CausalLMModule(LightningModule):
         Labels ``-100`` are not predicted; an optional ``mask`` ``[B]`` (padding rows of a stacked client batch: 0)
         removes whole sequences. Written without data-dependent control flow, so it runs under ``torch.func.vmap``.
         """
+        nll, count = self._sequence_loss_sums(batch)
+        return nll.sum(), count.sum()
+
+    def _sequence_loss_sums(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence: the summed next-token cross-entropy ``[B]`` (nats) and the predicted tokens ``[B]``."""
         input_ids = batch["input_ids"]
         labels = batch.get("labels", input_ids)
-        logits = self(input_ids, batch.get("attention_mask"))
+        if self.moe is not None and self.model is not None:
+            with routing_context(self.model, batch.get("attention_mask"), batch.get("domain")):
+                logits = self(input_ids, batch.get("attention_mask"))
+        else:
+            logits = self(input_ids, batch.get("attention_mask"))
         shift_labels = labels[:, 1:]
         valid = shift_labels != -100
         if "mask" in batch:
@@ -252,7 +305,7 @@ class CausalLMModule(LightningModule):
             logits[:, :-1].reshape(-1, logits.size(-1)).float(), shift_labels.clamp_min(0).reshape(-1), reduction="none"
         ).view_as(shift_labels)
         weight = valid.to(per_token.dtype)
-        return (per_token * weight).sum(), weight.sum()
+        return (per_token * weight).sum(dim=1), weight.sum(dim=1)
 
     # ------------------------------------------------------------------ collaborative client contract
     count_key = "tokens"
@@ -282,18 +335,48 @@ class CausalLMModule(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, count = self._loss_sum(batch)
         loss = loss_sum / count.clamp_min(1)
+        if self.moe is not None:
+            assert self.model is not None
+            aux, stats = moe_aux_loss(self.model, self.router_aux_loss_coef, self.router_z_loss_coef)
+            self.log("train/lm_loss", loss, batch_size=int(count))
+            loss = loss + aux
+            for key in ("lb", "z", "dropped_frac"):
+                self.log(f"moe/{key}", stats[key], batch_size=int(count))
         self.log("train/loss", loss, prog_bar=True, batch_size=int(count))
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        loss_sum, count = self._loss_sum(batch)
+        nll, counts = self._sequence_loss_sums(batch)
+        loss_sum, count = nll.sum(), counts.sum()
         loss = loss_sum / count.clamp_min(1)
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", batch_size=int(count), sync_dist=True)
         sums = self._eval_sums.setdefault(stage, torch.zeros(2, dtype=torch.float64, device=loss.device))
         sums += torch.stack([loss_sum.detach().double(), count.double()])
+        domains = batch.get("domain") if isinstance(batch, dict) else None
+        if domains is not None:
+            self._add_domain_sums(stage, torch.as_tensor(domains, device=loss.device).reshape(-1), nll, counts)
         return loss
 
+    def _domain_names(self) -> list[str] | None:
+        names = getattr(self._datamodule(), "domain_names", None)
+        return None if names is None else [str(n) for n in names]
+
+    def _add_domain_sums(self, stage: str, domains: torch.Tensor, nll: torch.Tensor, counts: torch.Tensor) -> None:
+        """Accumulate the NLL and token counts of each domain id (``[num_domains, 2]``, grown as ids appear)."""
+        names = self._domain_names()
+        size = max(len(names) if names else 0, int(domains.max()) + 1 if domains.numel() else 0)
+        key = f"{stage}/domains"
+        sums = self._eval_sums.get(key)
+        if sums is None or sums.shape[0] < size:
+            grown = torch.zeros(size, 2, dtype=torch.float64, device=nll.device)
+            if sums is not None:
+                grown[: sums.shape[0]] = sums
+            sums = self._eval_sums[key] = grown
+        values = torch.stack([nll.detach().double(), counts.detach().double()], dim=1)
+        sums.index_add_(0, domains.long(), values)
+
     def _eval_epoch_end(self, stage: str) -> None:
+        per_domain = self._eval_sums.pop(f"{stage}/domains", None)
         sums = self._eval_sums.pop(stage, None)
         if sums is None:
             return
@@ -301,6 +384,13 @@ class CausalLMModule(LightningModule):
         self.log(
             f"{stage}/ppl", math.exp(min(float(sums[0] / sums[1].clamp_min(1)), 80.0)), batch_size=1, sync_dist=True
         )
+        if per_domain is not None:
+            per_domain = self.trainer.strategy.reduce(per_domain, reduce_op="sum")
+            names = self._domain_names() or []
+            for i, (nll, count) in enumerate(per_domain.tolist()):
+                if count > 0:
+                    name = names[i] if i < len(names) else str(i)
+                    self.log(f"{stage}/ppl/{name}", math.exp(min(nll / count, 80.0)), batch_size=1, sync_dist=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._eval_step(batch, "val")
@@ -354,6 +444,11 @@ class CausalLMModule(LightningModule):
         """
         if self.model is None:
             raise RuntimeError("The model is not built yet: call `configure_model()` or train first.")
+        if self.moe is not None:
+            raise RuntimeError(
+                "save_pretrained: a model with MoE layers is not a `transformers` architecture and would not load "
+                "with `from_pretrained`; keep the Lightning checkpoint (trainer.save_checkpoint) instead."
+            )
         model: Any = self.model
         if hasattr(model, "merge_and_unload"):
             import copy
@@ -365,3 +460,17 @@ class CausalLMModule(LightningModule):
             self.tokenizer.save_pretrained(tmp)
 
         atomic_directory(directory, write)
+
+
+def _moe_config(moe: Any) -> MoEConfig | None:
+    """``moe`` as a :class:`MoEConfig` (a dict of its fields, as stored in checkpoints, is converted)."""
+    if moe is None or isinstance(moe, MoEConfig):
+        return moe
+    if isinstance(moe, dict):
+        try:
+            return MoEConfig.from_dict(moe)
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(f"CausalLMModule `moe`: {err}") from err
+    raise MisconfigurationException(
+        f"CausalLMModule: `moe` must be a MoEConfig, a dict of its fields or None, got {moe!r}."
+    )
