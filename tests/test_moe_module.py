@@ -129,7 +129,7 @@ def test_fit_logs_aux_domains_and_expert_utilization(tmp_path):
         assert nmi_d == pytest.approx(normalized_mutual_info_score(domains, experts[i]), abs=1e-6)
         assert nmi_c == pytest.approx(normalized_mutual_info_score(classes, experts[i]), abs=1e-6)
         assert 0 < nmi_c < 1
-    assert os.path.isfile(tmp_path / "plots" / "expert_load.png")
+    assert [f for f in os.listdir(tmp_path / "plots") if f.startswith("expert_load_step")]
     assert len(monitor.history) == 1 and len(monitor.history[0]["load"]) == 2
     restored = ExpertUtilizationMonitor()
     restored.load_state_dict(monitor.state_dict())
@@ -298,3 +298,26 @@ def test_specialization_flip_and_frozen_router_quality(tmp_path, seed):
     assert seq_dom > seq_cls
     _, _, frozen_ppl = _specialization_run(tmp_path, seed, top_k=2, routing="token", router="frozen")
     assert abs(frozen_ppl - learned_ppl) < 0.5
+
+
+def test_moe_example_yaml_runs(tmp_path):
+    """examples/moe_lm.yaml through the LightningCLI, shortened: the MoE model trains, logs its aux losses and the
+    monitor's keys, and writes the heatmap into the run's folder."""
+    from pathlib import Path
+
+    from lightning_epfl.cli import cli_main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "moe_lm.yaml"
+    cli = cli_main([
+        "fit", "--config", str(example), "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+        "--trainer.limit_val_batches=2", f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.domains=[prose, code]", "--data.init_args.batch_size=4",
+        "--data.init_args.max_chars=20000", "--trainer.callbacks.init_args.log_every_n_steps=2",
+    ])  # fmt: skip
+    from lightning_epfl.modules.moe import MoEMLP
+
+    assert cli.model.moe.router == "frozen"
+    assert sum(isinstance(m, MoEMLP) for m in cli.model.model.modules()) == 3
+    metrics = cli.trainer.callback_metrics
+    assert float(metrics["moe/lb"]) > 0 and "val/ppl/prose" in metrics and "moe/L0/nmi_domain" in metrics
+    assert any(f.startswith("expert_load_step") for f in os.listdir(cli.trainer.log_dir))

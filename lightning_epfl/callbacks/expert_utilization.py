@@ -68,7 +68,8 @@ class ExpertUtilizationMonitor(Callback):
     ``moe/L{i}/nmi_domain`` (top-1 expert of each valid position vs the batch's ``domain_key`` entry, when batches
     have it) and ``moe/L{i}/nmi_token_class`` (vs the 7 byte classes of
     :func:`~lightning_epfl.functional.moe.byte_token_classes`, with ``token_classes="bytes"`` and a byte-level
-    tokenizer). A heatmap of the validation load per layer (``expert_load.png``) is written atomically to ``dirpath``
+    tokenizer). A heatmap of the validation load per layer (``expert_load_step<N>.png``, one per validation, none
+    replaced) is written atomically to ``dirpath``
     (default: the trainer's ``log_dir``) and each validation's values are kept in :attr:`history` (checkpointed).
 
     Args:
@@ -274,7 +275,7 @@ class ExpertUtilizationMonitor(Callback):
             return
         folder = self.dirpath or trainer.log_dir or trainer.default_root_dir
         fig = plot_expert_load(loads, f"validation expert utilization, step {trainer.global_step}")
-        save_figure(fig, os.path.join(folder, "expert_load.png"))
+        save_figure(fig, os.path.join(folder, f"expert_load_step{trainer.global_step}.png"))
 
     @override
     def on_train_batch_end(

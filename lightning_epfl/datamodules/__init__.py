@@ -13,6 +13,7 @@ from lightning_epfl.datamodules.few_shot import (
     SinusoidTasks,
     TaskBatch,
 )
+from lightning_epfl.datamodules.multi_domain import MultiDomainTextDataModule
 from lightning_epfl.datamodules.partition import (
     Partition,
     dirichlet_partition,
@@ -45,6 +46,7 @@ __all__ = [
     "load_digits_arrays",
     "load_sklearn_arrays",
     "load_tokenizer",
+    "MultiDomainTextDataModule",
     "Partition",
     "PositionedBatches",
     "ResumableLoader",

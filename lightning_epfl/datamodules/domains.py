@@ -8,6 +8,7 @@ collaborative LoRA, arXiv:2404.09753, whose clients each hold text of one langua
 - ``"code"``: Python source, the standard library's top-level ``*.py`` files;
 - ``"german"``: German, the translated messages of the machine's gettext catalogs
   (``/usr/share/locale/de/LC_MESSAGES/*.mo``, read with :mod:`gettext`); absent on minimal systems;
+- ``"french"``: French, the same from ``/usr/share/locale/fr/LC_MESSAGES/*.mo``;
 - any local text file or folder (read as :class:`~lightning_epfl.datamodules.text.TextDataModule` reads ``paths``).
 """
 
@@ -20,13 +21,20 @@ import sysconfig
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-__all__ = ["BUILTIN_DOMAINS", "GERMAN_CATALOGS", "domain_available", "domain_documents"]
+__all__ = ["BUILTIN_DOMAINS", "FRENCH_CATALOGS", "GERMAN_CATALOGS", "domain_available", "domain_documents"]
 
-BUILTIN_DOMAINS = ("prose", "code", "german")
+BUILTIN_DOMAINS = ("prose", "code", "german", "french")
 """Names of the built-in domains."""
 
 GERMAN_CATALOGS = "/usr/share/locale/de/LC_MESSAGES"
 """Folder of the German gettext catalogs read by the ``"german"`` domain."""
+
+FRENCH_CATALOGS = "/usr/share/locale/fr/LC_MESSAGES"
+"""Folder of the French gettext catalogs read by the ``"french"`` domain."""
+
+
+def _catalogs(name: str) -> str:
+    return GERMAN_CATALOGS if name == "german" else FRENCH_CATALOGS
 
 
 def _gettext_documents(folder: str) -> list[str]:
@@ -76,9 +84,9 @@ def _pieces(doc: str, size: int) -> list[str]:
 
 
 def domain_available(name: str) -> bool:
-    """Whether a domain can be read here (``"german"`` needs the catalogs; a path must exist)."""
-    if name == "german":
-        return bool(glob.glob(os.path.join(GERMAN_CATALOGS, "*.mo")))
+    """Whether a domain can be read here (``"german"`` / ``"french"`` need the catalogs; a path must exist)."""
+    if name in ("german", "french"):
+        return bool(glob.glob(os.path.join(_catalogs(name), "*.mo")))
     return name in BUILTIN_DOMAINS or os.path.exists(name)
 
 
@@ -86,7 +94,7 @@ def domain_documents(name: str, max_chars: int | None = None, seed: int = 0, pie
     """The documents of one domain, at most ``max_chars`` characters in all.
 
     Args:
-        name: ``"prose"``, ``"code"``, ``"german"`` or a local file/folder.
+        name: ``"prose"``, ``"code"``, ``"german"``, ``"french"`` or a local file/folder.
         max_chars: Cap on the total characters (``None``: everything). Documents are taken in a seeded random order
             until the cap; the last one is cut. Deterministic for a given ``(name, max_chars, seed)``.
         seed: Seed of the order.
@@ -105,8 +113,8 @@ def domain_documents(name: str, max_chars: int | None = None, seed: int = 0, pie
         docs = pydoc_documents()
     elif name == "code":
         docs = _stdlib_documents()
-    elif name == "german":
-        docs = _gettext_documents(GERMAN_CATALOGS)
+    elif name in ("german", "french"):
+        docs = _gettext_documents(_catalogs(name))
     elif os.path.exists(name):
         docs = _path_documents(name)
     else:
@@ -115,7 +123,7 @@ def domain_documents(name: str, max_chars: int | None = None, seed: int = 0, pie
         )
     docs = [p for d in docs for p in _pieces(d, piece_chars) if p.strip()]
     if not docs:
-        where = f" (no readable catalog in {GERMAN_CATALOGS})" if name == "german" else ""
+        where = f" (no readable catalog in {_catalogs(name)})" if name in ("german", "french") else ""
         raise MisconfigurationException(f"domain {name!r} has no text{where}.")
     if max_chars is None:
         return docs
