@@ -321,3 +321,34 @@ def test_moe_example_yaml_runs(tmp_path):
     metrics = cli.trainer.callback_metrics
     assert float(metrics["moe/lb"]) > 0 and "val/ppl/prose" in metrics and "moe/L0/nmi_domain" in metrics
     assert any(f.startswith("expert_load_step") for f in os.listdir(cli.trainer.log_dir))
+
+
+def test_monitor_keys_name_blocks_steps_align_and_hparams_hold_moe(tmp_path):
+    """With MoE layers in blocks 1 and 2 of 3, the monitor's keys are moe/L1, moe/L2; its training rows share the
+    step of train/loss; the validation load counts every top-k choice (sums to k per unit); hparams.yaml has moe."""
+    import csv
+
+    import yaml
+
+    seed_everything(0)
+    module = CausalLMModule(
+        config={**TINY, "num_hidden_layers": 3}, moe=MoEConfig(num_experts=4, top_k=2, layers=[1, 2])
+    )
+    monitor = ExpertUtilizationMonitor(log_every_n_steps=2, plot=False)
+    trainer = _trainer(tmp_path, [monitor], log_every_n_steps=1)
+    trainer.fit(module, _dm())
+    rows = list(csv.DictReader(open(os.path.join(trainer.log_dir, "metrics.csv"))))
+    keys = set(rows[0])
+    assert {"moe/L1/util_min", "moe/L2/util_min", "moe/L1/nmi_domain"} <= keys and "moe/L0/util_min" not in keys
+    loss_steps = {r["step"] for r in rows if r["train/loss"]}
+    util_steps = {r["step"] for r in rows if r["moe/L1/util_min"]}
+    assert util_steps and util_steps <= loss_steps
+    load = monitor.history[-1]["load"]
+    assert all(abs(sum(layer) - 1.0) < 1e-6 for layer in load)
+    assert all(max(layer) <= 0.5 + 1e-9 for layer in load)  # two distinct experts per unit: no share above 1/k
+    hparams = yaml.safe_load(open(os.path.join(trainer.log_dir, "hparams.yaml")))
+    assert hparams["moe"]["layers"] == [1, 2] and hparams["moe"]["top_k"] == 2
+    with pytest.raises(ValueError, match="`sequence_pooling` applies to routing='sequence' only"):
+        MoEConfig(routing="token", sequence_pooling="mean")
+    with pytest.raises(ValueError, match="routing='label' has no router"):
+        MoEConfig(routing="label", top_k=1, label_to_expert=[0], router="frozen")

@@ -56,8 +56,9 @@ class ExpertUtilizationMonitor(Callback):
     Reads what each :class:`~lightning_epfl.modules.moe.MoEMLP` stores after its forward (``last_aux``) through
     forward hooks, so it works whatever consumes the auxiliary losses.
 
-    Training, every ``log_every_n_steps`` optimizer steps (after the step), for MoE layer ``i`` (the first
-    ``max_logged_layers`` layers), from the step's last forward (mean over processes): ``moe/L{i}/util_min``,
+    Training, every ``log_every_n_steps`` optimizer steps (after the step; logged at the step index Lightning logs
+    that batch's own training metrics at), for the MoE layer of block ``i`` (the first ``max_logged_layers`` MoE
+    layers), from the step's last forward (mean over processes): ``moe/L{i}/util_min``,
     ``moe/L{i}/util_max`` (utilization = load · E, 1 = a balanced share), ``moe/L{i}/dead`` (experts with utilization
     below ``dead_threshold``) and ``moe/L{i}/entropy`` (mean router entropy in nats); ``detail="detailed"`` adds
     ``moe/L{i}/util/e{j}`` per expert. They go straight to the trainer's loggers at that step and to
@@ -187,6 +188,10 @@ class ExpertUtilizationMonitor(Callback):
             handle.remove()
         self._handles = []
 
+    def _key(self, i: int) -> str:
+        """Key prefix of the ``i``-th MoE layer: ``moe/L<block index>``."""
+        return f"moe/L{getattr(self._layers[i], 'layer_index', i)}"
+
     def _metric_lists(self) -> None:
         n = len(self._layers[: self.max_logged_layers])
         if len(self._nmi_domain) != n:
@@ -198,7 +203,8 @@ class ExpertUtilizationMonitor(Callback):
         batch = self._batch
         top1 = aux.unit_indices[..., 0].cpu()
         valid = torch.ones_like(top1, dtype=torch.bool) if aux.token_mask is None else aux.token_mask.cpu()
-        self._val_load[i] += torch.bincount(top1[valid], minlength=module.num_experts).double()
+        chosen = aux.unit_indices.cpu()[valid]  # every top-k choice, as the training load counts them
+        self._val_load[i] += torch.bincount(chosen.reshape(-1), minlength=module.num_experts).double()
         if not isinstance(batch, dict):
             return
         domains = batch.get(self.domain_key)
@@ -264,7 +270,7 @@ class ExpertUtilizationMonitor(Callback):
                     continue
                 value = float(metric.compute())
                 record[name].append(value)
-                pl_module.log(f"moe/L{i}/{name}", value, batch_size=1)
+                pl_module.log(f"{self._key(i)}/{name}", value, batch_size=1)
         self.history.append(record)
         if self.plot and loads:
             self._save_plot(trainer, torch.stack(loads) if len({len(x) for x in loads}) == 1 else None)
@@ -290,18 +296,18 @@ class ExpertUtilizationMonitor(Callback):
             load, entropy = self._train_stats[i]
             stats = trainer.strategy.reduce(torch.cat([load.float(), entropy.float().reshape(1)]), reduce_op="mean")
             util = stats[:-1] * load.numel()
-            metrics[f"moe/L{i}/util_min"] = float(util.min())
-            metrics[f"moe/L{i}/util_max"] = float(util.max())
-            metrics[f"moe/L{i}/dead"] = float((util < self.dead_threshold).sum())
-            metrics[f"moe/L{i}/entropy"] = float(stats[-1])
+            metrics[f"{self._key(i)}/util_min"] = float(util.min())
+            metrics[f"{self._key(i)}/util_max"] = float(util.max())
+            metrics[f"{self._key(i)}/dead"] = float((util < self.dead_threshold).sum())
+            metrics[f"{self._key(i)}/entropy"] = float(stats[-1])
             if self.detail == "detailed":
                 for j, value in enumerate(util.tolist()):
-                    metrics[f"moe/L{i}/util/e{j}"] = value
+                    metrics[f"{self._key(i)}/util/e{j}"] = value
         self._train_stats = {}
         self.last_metrics = metrics
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+            for logger in trainer.loggers:  # at the step Lightning logs this batch's training metrics at
+                logger.log_metrics(metrics, step=step - 1)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

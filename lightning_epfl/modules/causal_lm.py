@@ -142,8 +142,8 @@ class CausalLMModule(LightningModule):
                 raise MisconfigurationException(str(err)) from err
         # the optimizer/scheduler factories stay out of the checkpoint so that it loads with `weights_only=True`;
         # LightningCLI records them in config.yaml
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "moe"])
-        self.hparams["moe"] = None if moe_config is None else moe_config.to_dict()  # plain data: `weights_only` loads
+        moe = None if moe_config is None else moe_config.to_dict()  # plain data: `weights_only` loads, loggers show it
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.config = dict(config or {})
         self.pretrained_path = pretrained_path
         self.optimizer = optimizer

@@ -178,8 +178,17 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: `num_experts` must be >= 1, got {self.num_experts}.")
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(
-                f"MoEConfig: `top_k` must be in 1..num_experts={self.num_experts}, got top_k={self.top_k} "
-                f"(top_k > num_experts is impossible)."
+                f"MoEConfig: `top_k` must be in 1..num_experts={self.num_experts}, got top_k={self.top_k}."
+            )
+        if self.routing != "sequence" and self.sequence_pooling != "causal_mean":
+            raise ValueError(
+                f"MoEConfig: `sequence_pooling` applies to routing='sequence' only, got routing={self.routing!r} with "
+                f"sequence_pooling={self.sequence_pooling!r}; leave it at 'causal_mean'."
+            )
+        if self.routing == "label" and self.router != "learned":
+            raise ValueError(
+                f"MoEConfig: routing='label' has no router; `router` must stay 'learned' (its default), got "
+                f"{self.router!r}."
             )
         if not _is_number(self.router_init_std) or not self.router_init_std > 0:
             raise ValueError(f"MoEConfig: `router_init_std` must be a number > 0, got {self.router_init_std!r}.")
@@ -978,7 +987,13 @@ def replace_mlps_with_moe(model: nn.Module, config: MoEConfig, mlp_attr: str = "
     A block is any submodule whose attribute ``mlp_attr`` is a supported MLP (:data:`SUPPORTED_MLPS`: GPT-2's
     ``GPT2MLP``, Llama-style ``LlamaMLP`` / ``MistralMLP`` / ``Qwen2MLP`` ...); blocks are numbered in module order and
     ``config.layers`` selects among them. With ``expert_init="copy"`` each expert starts as a copy of the block's MLP
-    (sparse upcycling); the total parameter count becomes ``dense + Σ_layers ((E - 1) · mlp + router)``.
+    (sparse upcycling: the logits equal the dense model's up to float rounding); with a learned router the
+    parameter count becomes ``dense + Σ_layers ((E - 1) · mlp + router)`` (frozen and re-drawn routers are buffers,
+    not parameters).
+
+    The experts and routers are new modules the model's own ``save_pretrained`` / ``from_pretrained`` do not know:
+    a plain ``from_pretrained`` of such a folder drops them and re-initializes the dense MLPs. Keep MoE models in
+    Lightning checkpoints or ``state_dict`` files (``CausalLMModule.save_pretrained`` refuses an MoE model).
 
     The layers share one state: forward hooks on ``model`` advance a forward counter (a re-drawn router draws once
     per forward, also under activation recomputation), reset the network-scope decision, pick up the
