@@ -1,3 +1,5 @@
-"""lightning_epfl.metrics"""
+"""torchmetrics ``Metric`` classes over ``lightning_epfl.functional``: exam outcomes (arXiv:2408.11841)."""
 
-__all__: list[str] = []
+from lightning_epfl.metrics.exam import ExamOutcomeMatrix
+
+__all__: list[str] = ["ExamOutcomeMatrix"]
