@@ -198,8 +198,18 @@ def test_chance_table_matches_exact_enumeration(n):
 
 
 def test_chance_table_4_options_to_1e12():
+    """4**8 answer vectors: chance_table, exam_aggregates on the full grid and a Python count agree to 1e-12."""
     got = chance_table(4)
-    assert got["majority_tie_wrong"] == pytest.approx(float(_brute_force(4)["majority_tie_wrong"]), abs=1e-12)
+    exact = _brute_force(4)
+    codes = torch.arange(4**8).unsqueeze(1)
+    grid = (codes // 4 ** torch.arange(7, -1, -1)) % 4  # every answer vector once
+    pred, gold = torch.ones_like(grid) << grid, torch.ones(4**8, dtype=torch.int64)
+    for tie in ("first_in_order", "tie_wrong"):
+        agg = exam_aggregates(None, pred, gold, tie=tie)
+        assert float(agg["acc_majority"]) == pytest.approx(float(exact[f"majority_{tie}"]), abs=1e-12)
+        assert got[f"majority_{tie}"] == pytest.approx(float(exact[f"majority_{tie}"]), abs=1e-12)
+        assert float(agg["acc_any"]) == pytest.approx(got["any"], abs=1e-12)
+        assert float(agg["acc_mean"]) == pytest.approx(got["mean"], abs=1e-12)
     assert got["any"] == pytest.approx(float(Fraction(4**8 - 3**8, 4**8)), abs=1e-12)
 
 
@@ -215,8 +225,11 @@ def test_chance_table_errors():
         chance_table(1)
     with pytest.raises(ValueError, match="num_strategies"):
         chance_table(4, 0)
-    with pytest.raises(ValueError, match="enumeration limit"):
-        chance_table(10, 8)
+    with pytest.raises(ValueError, match="num_strategies"):
+        chance_table(4, 33)
+    with pytest.raises(ValueError, match="num_options"):
+        chance_table(63)
+    assert chance_table(10)["any"] == pytest.approx(1 - 0.9**8, abs=1e-12)  # large tables stay cheap
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ CASES = [
     ("A common mistake is to pick B; the answer is C", 4, None, None, {2}, "cue"),
     ("Answer: A common mistake here is subtle.", 4, None, None, set(), "unparsed"),
     ("The answer is a function of x.", 4, None, None, set(), "unparsed"),
+    ("a and b are the two roots.", 4, None, None, set(), "unparsed"),
+    ("Answer: a and c", 4, None, None, {0, 2}, "cue"),
     ("I think it is B", 4, None, None, {1}, "labels"),
     ("I think B", 10, None, None, {1}, "labels"),
     ("Answer: I", 10, None, None, {8}, "cue"),

@@ -22,11 +22,15 @@ could not be parsed (the strategy abstains from the majority vote and scores 0).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -210,6 +214,7 @@ def _follows_label(nxt: _Tok | None, style: str) -> bool:
 def _run_at(toks: list[_Tok], i: int, scheme: str, n: int, allow_lower: bool) -> tuple[frozenset[int], int] | None:
     """Read a run of labels joined by separators (``"B and D"``, ``"1, 3"``) starting at token ``i``."""
     found: list[int] = []
+    styles: set[str] = set()
     j = i
     end = i
     while j < len(toks):
@@ -217,11 +222,14 @@ def _run_at(toks: list[_Tok], i: int, scheme: str, n: int, allow_lower: bool) ->
         if value is None:
             break
         index, style = value
-        if style == "lower" and not allow_lower:
-            break
-        if not _follows_label(toks[j + 1] if j + 1 < len(toks) else None, style):
+        if (style == "lower" and not allow_lower) or not _follows_label(
+            toks[j + 1] if j + 1 < len(toks) else None, style
+        ):
+            if found and "lower" in styles | {style}:
+                return None  # "a and b are ...": lower-case letters joined to a non-label are words, not answers
             break
         found.append(index)
+        styles.add(style)
         end = j + 1
         # separators, then an optional "option" word, before the next label
         k = end
@@ -809,39 +817,75 @@ def course_program_map(mapping: Mapping[str, object]) -> dict[str, str | None]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _partitions(total: int, largest: int) -> Iterable[tuple[int, ...]]:
+    """Partitions of ``total`` into positive parts ``<= largest``, parts in non-increasing order."""
+    if total == 0:
+        yield ()
+        return
+    for part in range(min(total, largest), 0, -1):
+        for rest in _partitions(total - part, part):
+            yield (part, *rest)
+
+
+@functools.lru_cache(maxsize=256)
+def _chance_fractions(num_options: int, num_strategies: int) -> tuple[Fraction, Fraction, Fraction, Fraction]:
+    n, s = num_options, num_strategies
+    hits = [0, Fraction(0), 0, 0]  # mean (votes for gold), majority first_in_order, majority tie_wrong, any
+    seen = 0
+    for gold_votes in range(s + 1):
+        for parts in _partitions(s - gold_votes, s):
+            if len(parts) > n - 1:
+                continue
+            # answer vectors with these counts: the ways to give the parts to distinct wrong options, times the
+            # ways to place the votes among the strategies
+            assign = math.perm(n - 1, len(parts))
+            for multiplicity in Counter(parts).values():
+                assign //= math.factorial(multiplicity)
+            place = math.factorial(s) // math.factorial(gold_votes)
+            for part in parts:
+                place //= math.factorial(part)
+            weight = assign * place
+            seen += weight
+            top = max((gold_votes, *parts))
+            tied = (gold_votes == top) + sum(part == top for part in parts)
+            hits[0] += weight * gold_votes
+            if gold_votes == top:
+                # every arrangement of these counts is equally likely, so the earliest strategy among the tied
+                # answers is equally likely to hold any of them
+                hits[1] += Fraction(weight, tied)
+                hits[2] += weight if tied == 1 else 0
+            hits[3] += weight if gold_votes else 0
+    total = n**s
+    if seen != total:  # pragma: no cover - the counts cover every answer vector exactly once
+        raise RuntimeError(f"enumeration covered {seen} of {total} answer vectors")
+    return (Fraction(hits[0], total * s), hits[1] / total, Fraction(hits[2], total), Fraction(hits[3], total))
+
+
 def chance_table(num_options: int, num_strategies: int = 8) -> dict[str, float]:
     """Aggregates reached by uniform guessing on a single-answer ``num_options``-option MCQ, by exact enumeration.
 
-    All ``num_options ** num_strategies`` answer vectors are enumerated (each equally likely, gold option 0) and
-    scored with :func:`exam_aggregates`, so the figures follow the same majority and tie rules as real runs.
-    With 8 strategies and 4 options, any-correct is 0.899887: guessing alone passes most "any strategy" bars.
+    Every one of the ``num_options ** num_strategies`` equally likely answer vectors (gold option 0) is counted,
+    grouped by its vote counts (vectors with the same counts score alike; the number of vectors per group is a
+    multinomial coefficient), in exact rational arithmetic; the rules are those of :func:`exam_aggregates`
+    (majority with ``first_in_order`` or ``tie_wrong`` ties, any-correct, mean). With 8 strategies and 4 options
+    any-correct is 0.899887 and the ``tie_wrong`` majority 0.187515: guessing alone clears most "any strategy"
+    bars. Results are cached per argument pair.
 
     Args:
-        num_options: Options per question, ``>= 2``.
-        num_strategies: Strategies per question, ``>= 1`` (default 8, as in arXiv:2408.11841).
+        num_options: Options per question, in ``[2, 62]``.
+        num_strategies: Strategies per question, in ``[1, 32]`` (default 8, as in arXiv:2408.11841).
 
     Returns:
-        ``{"mean", "majority_first_in_order", "majority_tie_wrong", "any"}`` as floats.
+        ``{"mean", "majority_first_in_order", "majority_tie_wrong", "any"}`` as floats (a new dict per call).
 
     Raises:
-        ValueError: If an argument is out of range or the enumeration exceeds ``2 ** 24`` vectors.
+        ValueError: If an argument is not an int in its range.
     """
-    for name, value, low in (("num_options", num_options, 2), ("num_strategies", num_strategies, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}.")
-    if num_options > MAX_OPTIONS or num_options**num_strategies > 2**24:
-        raise ValueError(
-            f"num_options ** num_strategies = {num_options}**{num_strategies} exceeds the enumeration limit 2**24."
-        )
-    codes = torch.arange(num_options**num_strategies, dtype=torch.int64).unsqueeze(1)
-    place = num_options ** torch.arange(num_strategies - 1, -1, -1, dtype=torch.int64)
-    grid = (codes // place) % num_options  # [n**S, S]: every answer vector once
-    pred = torch.ones_like(grid) << grid  # bit masks of single answers
-    gold = torch.ones(grid.shape[0], dtype=torch.int64)  # option 0
-    out = {}
-    for tie in MAJORITY_TIES:
-        agg = exam_aggregates(None, pred, gold, tie=tie)
-        out["mean"] = float(agg["acc_mean"])
-        out[f"majority_{tie}"] = float(agg["acc_majority"])
-        out["any"] = float(agg["acc_any"])
-    return {k: out[k] for k in ("mean", "majority_first_in_order", "majority_tie_wrong", "any")}
+    for name, value, low, high in (
+        ("num_options", num_options, 2, MAX_OPTIONS),
+        ("num_strategies", num_strategies, 1, 32),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"`{name}` must be an int in [{low}, {high}], got {value!r}.")
+    keys = ("mean", "majority_first_in_order", "majority_tie_wrong", "any")
+    return {k: float(v) for k, v in zip(keys, _chance_fractions(num_options, num_strategies))}

@@ -131,7 +131,7 @@ class ExamOutcomeMatrix(Metric):
         if isinstance(values, Tensor):
             if values.is_floating_point() or values.dtype == torch.bool:
                 raise ValueError(f"`{name}` must hold integers, got dtype {values.dtype}.")
-            out = values.reshape(-1).long()
+            out = values.detach().reshape(-1).long().cpu()
         else:
             values = list(values)
             if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -171,7 +171,9 @@ class ExamOutcomeMatrix(Metric):
             if masks.dtype == torch.bool:
                 if masks.ndim != 2:
                     raise ValueError(f"`{name}` as a bool tensor must have shape (batch, options).")
-                bits = torch.tensor([answer_bitmask(row.nonzero().reshape(-1).tolist()) for row in masks.cpu()])
+                bits = torch.tensor(
+                    [answer_bitmask(row.nonzero().reshape(-1).tolist()) for row in masks.cpu()], dtype=torch.int64
+                )
             else:
                 bits = self._ints(masks, name, None)
                 if (bits < 0).any():
