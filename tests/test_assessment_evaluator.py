@@ -493,3 +493,33 @@ def test_two_process_test_matches_one_process(tmp_path):
     assert len({(r["index"], r["strategy"]) for r in lines}) == 9 * 8  # ... and counted once
     single_records = [json.loads(x) for x in (tmp_path / "p1" / "records.jsonl").read_text().splitlines()]
     assert one["test/calls"] == sum(r["calls"] for r in single_records)
+
+
+def test_sampled_records_do_not_depend_on_the_question_batching(tiny_model, tmp_path):
+    """do_sample=True with the tiny model: every (question, strategy) output and seed is the same with 1 or 5
+    questions per batch (seeds derive from question, strategy and call, not from the batch)."""
+
+    def run(batch_size: int) -> dict:
+        model = ExamEvaluator(str(tiny_model), strategies=["zero_shot", "self_refine"], max_new_tokens=6,
+                              do_sample=True, seed=3, output_dir=str(tmp_path / f"b{batch_size}"))  # fmt: skip
+        _trainer(tmp_path).test(model, ExamDataModule("<fixtures>", batch_size=batch_size, courses=["analyse_1"]))
+        lines = (tmp_path / f"b{batch_size}" / "records.jsonl").read_text().splitlines()
+        return {(r["question_id"], r["strategy"]): (r["outputs"], r["seeds"]) for r in map(json.loads, lines)}
+
+    one, five = run(1), run(5)
+    assert one == five and len(one) == 8
+    assert len({tuple(outputs) for outputs, _ in one.values()}) > 1
+
+
+def test_prompt_language_and_context_budget_reach_the_prompts(tmp_path):
+    """'inverted' prompts French questions in English; a context budget drops four-shot demos and logs the count."""
+    model = _scripted(oracle, strategies=["four_shot_cot"], prompt_language="inverted", context_budget_tokens=260,
+                      max_new_tokens=8, output_dir=str(tmp_path / "out"))  # fmt: skip
+    trainer = _trainer(tmp_path)
+    trainer.test(model, ExamDataModule("<fixtures>", courses=["analyse_1"]))
+    records = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert {r["prompt_language"] for r in records} == {"en"}
+    assert "Question:" in records[0]["prompts"][0][-1]["content"]
+    dropped = [r["info"]["demos_dropped"] for r in records]
+    assert all(1 <= d < 4 for d in dropped) and float(trainer.callback_metrics["test/demos_dropped"]) == sum(dropped)
+    assert all(model.generator.count_tokens(r["prompts"][0]) <= 260 - 8 for r in records)

@@ -405,7 +405,7 @@ def _write_tiny(folder: str, seed: int) -> None:
 def tiny_random_chat_model(folder: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """Write (once) a random two-layer Llama with a byte-level tokenizer and a ChatML-style chat template.
 
-    The model (hidden size 32, 4 heads, 2 KV heads, 262-token vocabulary: the 256 byte symbols and three special
+    The model (hidden size 32, 4 heads, 2 KV heads, 259-token vocabulary: the 256 byte symbols and three special
     tokens; EOS is ``<|im_end|>``) answers with noise; it exists to run the evaluation pipeline end to end in seconds.
 
     Args:
