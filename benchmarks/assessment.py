@@ -19,7 +19,8 @@ printed as Markdown tables:
 2. **loglikelihood**: ``ExamEvaluator(scoring="loglikelihood")`` on all 1,938 questions (``--ll-limit`` for a subset):
    the zero-shot prompt and its answer cue, then each option scored as in lm-evaluation-harness; ``acc`` (summed
    log-probability) and ``acc_norm`` (divided by the continuation's length in characters), chance 0.25, accuracy
-   per program. ``--ll-target text`` (default) scores the option texts, ``label`` the option numbers.
+   per program. ``--ll-target label`` (default) scores the option numbers (one forward per question: the labels
+   are single tokens read at the prompt's last position), ``text`` the option texts (one forward per option).
 3. **throughput**: ``HFGenerator`` on the same zero-shot prompts (``--tp-prompts`` questions, greedy,
    ``--tp-new-tokens``) one prompt at a time and in batches of ``--tp-batch-sizes``: questions/s, generated tokens/s,
    the speed-up over one-at-a-time generation, and how many outputs are identical to the one-at-a-time outputs.
@@ -420,10 +421,14 @@ def part_loglikelihood(args: argparse.Namespace, generator: Any, data: dict[str,
     for q in questions:
         context = generator.render(zero.messages(q, [], "en")) + zero.answer_prefix("en")
         conts = [str(o) for o in q["options"]] if args.ll_target == "text" else zero.option_labels(NUM_OPTIONS)
-        tokens += sum(len(generator.tokenizer(context + " " + c)["input_ids"]) for c in conts)
+        if args.ll_target == "label":  # one forward of the shared context
+            tokens += len(generator.tokenizer(context)["input_ids"])
+        else:
+            tokens += sum(len(generator.tokenizer(context + " " + c)["input_ids"]) for c in conts)
     calib = calibrate(generator, args.batch_size, steps=0)
     estimate = tokens * calib["prefill_s_per_token"]
-    print(f"Estimate: {tokens} tokens in {NUM_OPTIONS * len(questions)} forward sequences x "
+    sequences = len(questions) * (1 if args.ll_target == "label" else NUM_OPTIONS)
+    print(f"Estimate: {tokens} tokens in {sequences} forward sequences x "
           f"{1e3 * calib['prefill_s_per_token']:.2f} ms/token = {estimate / 60:.1f} min\n", flush=True)  # fmt: skip
 
     evaluator = ExamEvaluator(MODEL, strategies=["zero_shot"], scoring="loglikelihood", seed=args.seed,
@@ -541,7 +546,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation / scoring batch")
     parser.add_argument("--question-batch-size", type=int, default=16, help="questions per evaluator step")
     parser.add_argument("--ll-limit", type=int, default=None, help="log-likelihood on this many questions only")
-    parser.add_argument("--ll-target", default="text", choices=["text", "label"])
+    parser.add_argument("--ll-target", default="label", choices=["text", "label"])
     parser.add_argument("--tp-prompts", type=int, default=16)
     parser.add_argument("--tp-new-tokens", type=int, default=32)
     parser.add_argument("--tp-batch-sizes", type=int, nargs="+", default=[1, 8, 16])

@@ -192,6 +192,31 @@ def test_loglikelihood_equals_a_full_forward_pass(tiny_model):
         assert value == pytest.approx(expected, abs=1e-4)
 
 
+def test_loglikelihood_of_shared_context_labels_uses_one_forward(tiny_model):
+    """Single-token continuations of one context (option labels) are read from one forward of the context and
+    equal the per-request computation."""
+    gen = HFGenerator(tiny_model, batch_size=4)
+    context = "Q: pick\nAnswer:"
+    labels = ["A", "B", "C", "D"]  # one token each in the byte-level vocabulary
+    assert all(len(gen.tokenizer(context + lab, add_special_tokens=False)["input_ids"])
+               == len(gen.tokenizer(context, add_special_tokens=False)["input_ids"]) + 1 for lab in labels)  # fmt: skip
+    calls = []
+    handle = gen.model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    try:
+        got = gen.loglikelihood([(context, lab) for lab in labels] + [("other", " A")])
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # one batch of shared contexts, one for the lone request
+    alone = [HFGenerator(tiny_model, batch_size=1).loglikelihood([(context + lab[:0], lab)])[0] for lab in labels]
+    ids = gen.tokenizer(context, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(gen.model(torch.tensor([ids])).logits[0, -1].double(), -1)
+    for lab, value in zip(labels, got):
+        token = gen.tokenizer(context + lab, add_special_tokens=False)["input_ids"][-1]
+        assert value == pytest.approx(float(logp[token]), abs=1e-5)
+    assert got[:4] == pytest.approx(alone, abs=1e-5)
+
+
 # ---- log-likelihood scoring ----------------------------------------------------------------------------------------
 
 

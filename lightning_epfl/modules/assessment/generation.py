@@ -262,7 +262,20 @@ class HFGenerator:
             pairs.append((whole, n_cont))
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         results = [0.0] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
+        # Requests that share their context and continue it by one token (option labels) need one forward of the
+        # context: the log-probabilities of every label are read at its last position.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ids, n_cont) in enumerate(pairs):
+            if n_cont == 1 and len(ids) > 1:
+                groups.setdefault(tuple(ids[:-1]), []).append(i)
+        shared = {i for members in groups.values() if len(members) > 1 for i in members}
+        if shared:
+            contexts = [ctx for ctx, members in groups.items() if len(members) > 1]
+            logps = self._last_logprobs([list(c) for c in contexts], limit)
+            for ctx, logp in zip(contexts, logps):
+                for i in groups[ctx]:
+                    results[i] = float(logp[pairs[i][0][-1]])
+        order = sorted((i for i in range(len(pairs)) if i not in shared), key=lambda i: -len(pairs[i][0]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             seqs = []
@@ -285,6 +298,26 @@ class HFGenerator:
                 positions = torch.arange(len(ids) - n_cont - 1, len(ids) - 1)
                 results[i] = float(logp[row, positions, target].sum())
         return results
+
+    @torch.no_grad()
+    def _last_logprobs(self, contexts: list[list[int]], limit: int | None) -> list[torch.Tensor]:
+        """Next-token log-probabilities ``[vocab]`` after each context (batched, right-padded)."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(contexts)
+        order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            seqs = [contexts[i][-limit:] if limit else contexts[i] for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids_t = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for row, ids in enumerate(seqs):
+                ids_t[row, : len(ids)] = torch.tensor(ids)
+                mask[row, : len(ids)] = 1
+            logits = self.model(input_ids=ids_t.to(self.device), attention_mask=mask.to(self.device)).logits
+            for row, (i, ids) in enumerate(zip(chunk, seqs)):
+                out[i] = torch.log_softmax(logits[row, len(ids) - 1].float(), dim=-1).cpu()
+        return out
 
 
 def _cut(text: str, stops: Sequence[str]) -> str:
