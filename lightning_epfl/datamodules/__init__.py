@@ -1,9 +1,26 @@
-"""Datamodules on real data that needs no download: text, digits, client-partitioned data and text, few-shot tasks."""
+"""Datamodules on real data that needs no download: text, digits, client-partitioned data and text, few-shot tasks,
+exam questions."""
 
 from lightning_epfl.datamodules.client_data import ClientEvalStream, served_client_ids
 from lightning_epfl.datamodules.digits import (
     DigitsDataModule,
     load_digits_arrays,
+)
+from lightning_epfl.datamodules.exam import (
+    ExamDataModule,
+    ExamDemo,
+    ExamQuestion,
+    build_stdlib_exam,
+    collate_questions,
+    convert_exam_cli,
+    convert_mmlu_csv,
+    convert_nlp4education,
+    fixture_exam_path,
+    load_course_programs,
+    load_demos,
+    load_exam,
+    save_exam,
+    validate_question,
 )
 from lightning_epfl.datamodules.federated import FederatedDataModule
 from lightning_epfl.datamodules.federated_text import FederatedTextDataModule
@@ -55,4 +72,18 @@ __all__ = [
     "StreamPosition",
     "TaskBatch",
     "TextDataModule",
+    "ExamDataModule",
+    "ExamDemo",
+    "ExamQuestion",
+    "build_stdlib_exam",
+    "collate_questions",
+    "convert_exam_cli",
+    "convert_mmlu_csv",
+    "convert_nlp4education",
+    "fixture_exam_path",
+    "load_course_programs",
+    "load_demos",
+    "load_exam",
+    "save_exam",
+    "validate_question",
 ]

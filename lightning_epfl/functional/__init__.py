@@ -1,8 +1,8 @@
 """Pure math, no Lightning: schedules, averaging, ranks, topology, collaborative metrics, CoBo, meta-gradients,
 trust scores and LoRA mixing (``functional.trust``), Hadamard matrices and transforms (``functional.hadamard``), fake
 quantizers with RTN and GPTQ (``functional.quantize``), block formats INT/HBFP/MX (``functional.formats``), pruning
-masks and SparseGPT (``functional.sparsity``), mixture-of-experts routing (``functional.moe``); the privacy accounting
-lives in ``functional.privacy``."""
+masks and SparseGPT (``functional.sparsity``), mixture-of-experts routing (``functional.moe``), exam answer parsing and
+outcome aggregates (``functional.exam``); the privacy accounting lives in ``functional.privacy``."""
 
 from lightning_epfl.functional.collab_metrics import (
     adjusted_rand_index,
@@ -12,6 +12,22 @@ from lightning_epfl.functional.collab_metrics import (
     pair_accuracy,
     recovery_metrics,
     w_within_between,
+)
+from lightning_epfl.functional.exam import (
+    DEFAULT_ANSWER_CUES,
+    DEFAULT_GRADE_SCORES,
+    GRADE_LABELS,
+    GRADE_NOT_FOUND,
+    ParsedAnswer,
+    answer_bitmask,
+    chance_table,
+    course_pass_rates,
+    course_program_map,
+    exam_aggregates,
+    majority_vote,
+    mcq_scores,
+    parse_grade_label,
+    parse_mcq_answer,
 )
 from lightning_epfl.functional.formats import block_quantize
 from lightning_epfl.functional.hadamard import (
@@ -184,4 +200,18 @@ __all__ = [
     "wanda_scores",
     "weight_similarity_scores",
     "wsd_lr_factor",
+    "DEFAULT_ANSWER_CUES",
+    "DEFAULT_GRADE_SCORES",
+    "GRADE_LABELS",
+    "GRADE_NOT_FOUND",
+    "ParsedAnswer",
+    "answer_bitmask",
+    "chance_table",
+    "course_pass_rates",
+    "course_program_map",
+    "exam_aggregates",
+    "majority_vote",
+    "mcq_scores",
+    "parse_grade_label",
+    "parse_mcq_answer",
 ]
