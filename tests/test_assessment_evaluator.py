@@ -207,6 +207,15 @@ def test_loglikelihood_of_shared_context_labels_uses_one_forward(tiny_model):
     finally:
         handle.remove()
     assert len(calls) == 2  # one batch of shared contexts, one for the lone request
+    two = [" " + lab for lab in labels]  # a shared first continuation token (the space), then the label
+    spaced = gen.loglikelihood([(context, lab) for lab in two])
+    spaced_alone = [HFGenerator(tiny_model, batch_size=1).loglikelihood([(context, lab)])[0] for lab in two[:1]]
+    assert spaced[0] == pytest.approx(spaced_alone[0], abs=1e-5)
+    whole = [gen.tokenizer(context + lab, add_special_tokens=False)["input_ids"] for lab in two]
+    with torch.no_grad():
+        full = torch.log_softmax(gen.model(torch.tensor([whole[1]])).logits[0].double(), -1)
+    n = len(whole[1])
+    assert spaced[1] == pytest.approx(float(full[n - 3, whole[1][n - 2]] + full[n - 2, whole[1][n - 1]]), abs=1e-5)
     alone = [HFGenerator(tiny_model, batch_size=1).loglikelihood([(context + lab[:0], lab)])[0] for lab in labels]
     ids = gen.tokenizer(context, add_special_tokens=False)["input_ids"]
     with torch.no_grad():

@@ -262,19 +262,21 @@ class HFGenerator:
             pairs.append((whole, n_cont))
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         results = [0.0] * len(pairs)
-        # Requests that share their context and continue it by one token (option labels) need one forward of the
-        # context: the log-probabilities of every label are read at its last position.
-        groups: dict[tuple[int, ...], list[int]] = {}
+        # Requests that differ only in their last token (option labels such as " 1" / " 2" after one prompt) need
+        # one forward of the shared part: the earlier continuation tokens are scored in it, and every label is read
+        # from the next-token distribution at its last position.
+        groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
         for i, (ids, n_cont) in enumerate(pairs):
-            if n_cont == 1 and len(ids) > 1:
-                groups.setdefault(tuple(ids[:-1]), []).append(i)
-        shared = {i for members in groups.values() if len(members) > 1 for i in members}
-        if shared:
-            contexts = [ctx for ctx, members in groups.items() if len(members) > 1]
-            logps = self._last_logprobs([list(c) for c in contexts], limit)
-            for ctx, logp in zip(contexts, logps):
-                for i in groups[ctx]:
-                    results[i] = float(logp[pairs[i][0][-1]])
+            if len(ids) > n_cont:
+                groups.setdefault((tuple(ids[:-1]), n_cont), []).append(i)
+        groups = {key: members for key, members in groups.items() if len(members) > 1}
+        shared = {i for members in groups.values() for i in members}
+        if groups:
+            keys = list(groups)
+            scored = self._shared_prefix_scores([list(k[0]) for k in keys], [k[1] - 1 for k in keys], limit)
+            for key, (tail, logp) in zip(keys, scored):
+                for i in groups[key]:
+                    results[i] = tail + float(logp[pairs[i][0][-1]])
         order = sorted((i for i in range(len(pairs)) if i not in shared), key=lambda i: -len(pairs[i][0]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
@@ -300,9 +302,12 @@ class HFGenerator:
         return results
 
     @torch.no_grad()
-    def _last_logprobs(self, contexts: list[list[int]], limit: int | None) -> list[torch.Tensor]:
-        """Next-token log-probabilities ``[vocab]`` after each context (batched, right-padded)."""
-        out: list[torch.Tensor] = [torch.empty(0)] * len(contexts)
+    def _shared_prefix_scores(
+        self, contexts: list[list[int]], tails: list[int], limit: int | None
+    ) -> list[tuple[float, torch.Tensor]]:
+        """For each token list: the summed log-probability of its last ``tails[i]`` tokens given what precedes them,
+        and the next-token log-probabilities ``[vocab]`` after it (batched, right-padded)."""
+        out: list[tuple[float, torch.Tensor]] = [(0.0, torch.empty(0))] * len(contexts)
         order = sorted(range(len(contexts)), key=lambda i: -len(contexts[i]))
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
@@ -316,7 +321,13 @@ class HFGenerator:
                 mask[row, : len(ids)] = 1
             logits = self.model(input_ids=ids_t.to(self.device), attention_mask=mask.to(self.device)).logits
             for row, (i, ids) in enumerate(zip(chunk, seqs)):
-                out[i] = torch.log_softmax(logits[row, len(ids) - 1].float(), dim=-1).cpu()
+                n = len(ids)
+                tail = min(tails[i], n - 1)
+                tail_sum = 0.0
+                if tail > 0:
+                    logp = torch.log_softmax(logits[row, n - tail - 1 : n - 1].float(), dim=-1)
+                    tail_sum = float(logp.gather(1, torch.tensor(ids[n - tail :])[:, None].to(logp.device)).sum())
+                out[i] = (tail_sum, torch.log_softmax(logits[row, n - 1].float(), dim=-1).cpu())
         return out
 
 
