@@ -570,7 +570,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     import lightning_epfl
-    from lightning_epfl.modules.assessment import HFGenerator, resolve_model_path
+    from lightning_epfl.modules.assessment import HFGenerator, resolve_pretrained_path
     from lightning_epfl.utilities import atomic_write
 
     load = os.getloadavg()[0]
@@ -580,7 +580,7 @@ def main() -> None:
     if load > (os.cpu_count() or 1):
         print("The machine is busy: timings are inflated, and more threads than free cores can be several times "
               "slower than --threads 1.")  # fmt: skip
-    folder = resolve_model_path(MODEL)
+    folder = resolve_pretrained_path(MODEL)
     generator = HFGenerator(folder, batch_size=args.batch_size)
     params = sum(p.numel() for p in generator.model.parameters())
     print(f"Model {MODEL}: {params / 1e6:.1f}M parameters, the packaged GGUF Q4_1 weights dequantized to float32.")

@@ -463,11 +463,11 @@ def test_local_lm_judge_grades_with_a_real_local_model(tiny_model):
      ({"pass_threshold": 2.0}, "`pass_threshold`"),
      ({"label_scores": {"great": 1.0}}, "unknown label 'great'"),
      ({"context_budget_tokens": 100, "max_new_tokens": 200}, "`context_budget_tokens` must be an int >= 201"),
-     ({"model_path": "/no/such/model"}, "model_path")],
+     ({"pretrained_path": "/no/such/model"}, "pretrained_path")],
 )  # fmt: skip
 def test_bad_arguments_fail_in_init_naming_them(kwargs, message):
     """Every argument is checked in __init__ (before any model loading), naming the argument."""
-    kwargs = {"model_path": TINY_RANDOM_MODEL, **kwargs}
+    kwargs = {"pretrained_path": TINY_RANDOM_MODEL, **kwargs}
     with pytest.raises(ValueError, match=message) as err:
         ExamEvaluator(**kwargs)
     if "socratic" in message:

@@ -14,7 +14,7 @@ from lightning_epfl.modules.assessment.generation import (
     HFGenerator,
     ScriptedGenerator,
     render_plain,
-    resolve_model_path,
+    resolve_pretrained_path,
     tiny_random_chat_model,
 )
 from lightning_epfl.modules.assessment.judges import (
@@ -83,7 +83,7 @@ __all__ = [
     "get_strategy",
     "loglikelihood_choice",
     "render_plain",
-    "resolve_model_path",
+    "resolve_pretrained_path",
     "run_batched",
     "select_one_shot_demo",
     "tiny_random_chat_model",

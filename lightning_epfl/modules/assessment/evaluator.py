@@ -37,7 +37,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_epfl.modules.assessment.generation import TINY_RANDOM_MODEL, HFGenerator, resolve_model_path
+from lightning_epfl.modules.assessment.generation import TINY_RANDOM_MODEL, HFGenerator, resolve_pretrained_path
 from lightning_epfl.modules.assessment.judges import (
     PENDING,
     JudgeRequest,
@@ -112,7 +112,7 @@ class ExamEvaluator(pl.LightningModule):
     temporary name and renamed.
 
     Args:
-        model_path: Model name or path: a local ``transformers`` folder, a ``.gguf`` file, a packaged model name
+        pretrained_path: Model name or path: a local ``transformers`` folder, a ``.gguf`` file, a packaged model name
             (``"smollm2-135m-instruct"``, see :func:`lightning_epfl.models.resolve_pretrained`), or
             ``"tiny-random-llama"`` (a random two-layer model for smoke tests, built once into the cache).
         strategies: Strategy names, in order (the order breaks ``first_in_order`` majority ties). Default: all eight
@@ -154,12 +154,12 @@ class ExamEvaluator(pl.LightningModule):
 
     Raises:
         ValueError: Any argument out of range or not among its allowed values (the message names the argument and
-            the allowed values), an unknown strategy, or a ``model_path`` that cannot be resolved.
+            the allowed values), an unknown strategy, or a ``pretrained_path`` that cannot be resolved.
     """
 
     def __init__(
         self,
-        model_path: str,
+        pretrained_path: str,
         strategies: list[str] | None = None,
         scoring: Literal["generate", "loglikelihood"] = "generate",
         max_new_tokens: int = 512,
@@ -233,15 +233,15 @@ class ExamEvaluator(pl.LightningModule):
             raise ValueError(f"`stop_strings` must be a list of non-empty strings or None, got {stop_strings!r}.")
         if output_dir is not None and not str(output_dir).strip():
             raise ValueError("`output_dir` must be a non-empty path or None.")
-        if not isinstance(model_path, (str, os.PathLike)) or not os.fspath(model_path):
-            raise ValueError(f"`model_path` must be a model name or path, got {model_path!r}.")
-        if os.fspath(model_path) != TINY_RANDOM_MODEL:
+        if not isinstance(pretrained_path, (str, os.PathLike)) or not os.fspath(pretrained_path):
+            raise ValueError(f"`pretrained_path` must be a model name or path, got {pretrained_path!r}.")
+        if os.fspath(pretrained_path) != TINY_RANDOM_MODEL:
             from lightning_epfl.models import check_pretrained
 
-            check_pretrained(model_path, argument="model_path")
+            check_pretrained(pretrained_path, argument="pretrained_path")
         self.save_hyperparameters(ignore=["judge"])
 
-        self.model_path = os.fspath(model_path)
+        self.pretrained_path = os.fspath(pretrained_path)
         self.strategy_names = names
         self.strategies = [
             get_strategy(n, rounds=self_refine_rounds) if n == "self_refine" else get_strategy(n) for n in names
@@ -294,7 +294,7 @@ class ExamEvaluator(pl.LightningModule):
             return
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = resolve_model_path(self.model_path)
+        folder = resolve_pretrained_path(self.pretrained_path)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.lm = AutoModelForCausalLM.from_pretrained(
             folder, local_files_only=True, dtype=getattr(torch, self.dtype_name)
@@ -665,7 +665,7 @@ class ExamEvaluator(pl.LightningModule):
             "demos_dropped": sum(r["demos_dropped"] for r in records),
             "judge": self.judge.name,
             "scoring": self.scoring,
-            "model_path": self.model_path,
+            "pretrained_path": self.pretrained_path,
         }
         for name in self.strategy_names:
             mine = [r for r in records if r["strategy"] == name]
@@ -902,7 +902,7 @@ def _markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines = [
         "# Exam evaluation (protocol of arXiv:2408.11841)",
         "",
-        f"Model `{summary['model_path']}`, scoring `{summary['scoring']}`, open answers graded by "
+        f"Model `{summary['pretrained_path']}`, scoring `{summary['scoring']}`, open answers graded by "
         f"`{summary['judge']}` (not the paper's GPT-4 judge); {int(summary['overall'].get('num_questions', 0))} "
         f"questions, {summary['calls_total']} model calls.",
         "",

@@ -35,7 +35,7 @@ __all__ = [
     "HFGenerator",
     "ScriptedGenerator",
     "render_plain",
-    "resolve_model_path",
+    "resolve_pretrained_path",
     "tiny_random_chat_model",
 ]
 
@@ -82,23 +82,23 @@ class _SeededSampling:
 class HFGenerator:
     """Batched chat generation with a local ``transformers`` causal LM.
 
-    Either give ``model_path`` (loaded with ``local_files_only=True``) or an already loaded ``model`` and
+    Either give ``pretrained_path`` (loaded with ``local_files_only=True``) or an already loaded ``model`` and
     ``tokenizer``.
 
     Args:
-        model_path: A local ``transformers`` folder.
-        model: A loaded causal LM (takes precedence over ``model_path``).
+        pretrained_path: A local ``transformers`` folder.
+        model: A loaded causal LM (takes precedence over ``pretrained_path``).
         tokenizer: Its tokenizer.
         batch_size: Most prompts per forward batch. Default 8.
-        dtype: Weight dtype when loading from ``model_path``. Default ``"float32"``.
+        dtype: Weight dtype when loading from ``pretrained_path``. Default ``"float32"``.
 
     Raises:
-        ValueError: Neither ``model_path`` nor both ``model`` and ``tokenizer``; ``batch_size < 1``.
+        ValueError: Neither ``pretrained_path`` nor both ``model`` and ``tokenizer``; ``batch_size < 1``.
     """
 
     def __init__(
         self,
-        model_path: str | os.PathLike | None = None,
+        pretrained_path: str | os.PathLike | None = None,
         *,
         model: Any = None,
         tokenizer: Any = None,
@@ -108,13 +108,13 @@ class HFGenerator:
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
         if model is None or tokenizer is None:
-            if model_path is None:
-                raise ValueError("HFGenerator needs `model_path`, or both `model` and `tokenizer`.")
+            if pretrained_path is None:
+                raise ValueError("HFGenerator needs `pretrained_path`, or both `model` and `tokenizer`.")
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(model_path), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(pretrained_path), local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(
-                os.fspath(model_path), local_files_only=True, dtype=getattr(torch, dtype)
+                os.fspath(pretrained_path), local_files_only=True, dtype=getattr(torch, dtype)
             ).eval()
         self.model = model
         self.tokenizer = prepare_tokenizer(tokenizer)
@@ -481,14 +481,14 @@ def tiny_random_chat_model(folder: str | os.PathLike | None = None, seed: int = 
     return final
 
 
-def resolve_model_path(model_path: str | os.PathLike, argument: str = "model_path") -> Path:
+def resolve_pretrained_path(pretrained_path: str | os.PathLike, argument: str = "pretrained_path") -> Path:
     """A local ``transformers`` folder for a model name or path.
 
     :data:`TINY_RANDOM_MODEL` gives :func:`tiny_random_chat_model` (built once); anything else goes through
     :func:`lightning_epfl.models.resolve_pretrained` (local folder, ``.gguf`` file, packaged model name).
     """
-    if os.fspath(model_path) == TINY_RANDOM_MODEL:
+    if os.fspath(pretrained_path) == TINY_RANDOM_MODEL:
         return tiny_random_chat_model()
     from lightning_epfl.models import resolve_pretrained
 
-    return resolve_pretrained(model_path, argument=argument)
+    return resolve_pretrained(pretrained_path, argument=argument)

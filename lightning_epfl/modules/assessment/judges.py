@@ -131,19 +131,21 @@ class LocalLMJudge(OpenAnswerJudge):
     conversation); a second failure gives ``"not found"``. Decoding is greedy.
 
     Args:
-        model_path: A model name or path (:func:`lightning_epfl.models.resolve_pretrained`: a local ``transformers``
-            folder, a ``.gguf`` file or a packaged model name such as ``"smollm2-135m-instruct"``).
+        pretrained_path: A model name or path (:func:`lightning_epfl.models.resolve_pretrained`: a local
+            ``transformers`` folder, a ``.gguf`` file or a packaged model name such as ``"smollm2-135m-instruct"``).
         max_new_tokens: Most tokens per grader reply. Default 48.
         batch_size: Most prompts per forward batch. Default 8.
         dtype: Weight dtype. Default ``"float32"``.
 
     Raises:
-        ValueError: ``max_new_tokens`` or ``batch_size`` below 1, or a ``model_path`` that cannot be resolved.
+        ValueError: ``max_new_tokens`` or ``batch_size`` below 1, or a ``pretrained_path`` that cannot be resolved.
     """
 
     name = "local_lm"
 
-    def __init__(self, model_path: str, max_new_tokens: int = 48, batch_size: int = 8, dtype: str = "float32") -> None:
+    def __init__(
+        self, pretrained_path: str, max_new_tokens: int = 48, batch_size: int = 8, dtype: str = "float32"
+    ) -> None:
         if max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}.")
         if batch_size < 1:
@@ -152,11 +154,11 @@ class LocalLMJudge(OpenAnswerJudge):
             raise ValueError(f"`dtype` must be one of ['bfloat16', 'float16', 'float32', 'float64'], got {dtype!r}.")
         from lightning_epfl.modules.assessment.generation import TINY_RANDOM_MODEL
 
-        if model_path != TINY_RANDOM_MODEL:
+        if pretrained_path != TINY_RANDOM_MODEL:
             from lightning_epfl.models import check_pretrained
 
-            check_pretrained(model_path, argument="model_path")
-        self.model_path = model_path
+            check_pretrained(pretrained_path, argument="pretrained_path")
+        self.pretrained_path = pretrained_path
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.dtype = dtype
@@ -164,10 +166,10 @@ class LocalLMJudge(OpenAnswerJudge):
 
     def setup(self, device: Any = None) -> None:
         if self.generator is None:
-            from lightning_epfl.modules.assessment.generation import HFGenerator, resolve_model_path
+            from lightning_epfl.modules.assessment.generation import HFGenerator, resolve_pretrained_path
 
             self.generator = HFGenerator(
-                resolve_model_path(self.model_path), batch_size=self.batch_size, dtype=self.dtype
+                resolve_pretrained_path(self.pretrained_path), batch_size=self.batch_size, dtype=self.dtype
             )
         if device is not None:
             self.generator.model.to(device)
