@@ -355,7 +355,8 @@ def _imperfect_expected() -> dict[str, float]:
         "tree_of_thought": 1 - len(ends3) / n,
         "metacognitive": 1 - len(ends3) / n,
         "zero_shot_cot": 1.0,
-        "unparsed_tot": len(ends3) / n,
+        # a share of the MCQs: open answers are graded, not parsed
+        "unparsed_tot": sum(q["question_type"] == "mcq" for q in ends3) / sum(q["question_type"] == "mcq" for q in qs),
     }
 
 
@@ -557,3 +558,21 @@ def test_prompt_language_and_context_budget_reach_the_prompts(tmp_path):
     dropped = [r["info"]["demos_dropped"] for r in records]
     assert all(1 <= d < 4 for d in dropped) and float(trainer.callback_metrics["test/demos_dropped"]) == sum(dropped)
     assert all(model.generator.count_tokens(r["prompts"][0]) <= 260 - 8 for r in records)
+
+
+def test_judge_export_never_replaces_files(tmp_path):
+    """An ExportOnlyJudge path that exists, or that names one of the evaluation's result files, is refused before any
+    generation; a unit exponent is not read as the answer's number."""
+    from lightning_epfl.modules.assessment import ExportOnlyJudge, ReferenceMatchJudge
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("keep\n")
+    for path, match in ((str(mine), "exists already"), ("records.jsonl", "one of the evaluation's own result files")):
+        model = ExamEvaluator(TINY_RANDOM_MODEL, strategies=["zero_shot"], max_new_tokens=2,
+                              judge=ExportOnlyJudge(path), output_dir=str(tmp_path / "out"))  # fmt: skip
+        with pytest.raises((FileExistsError, ValueError), match=match):
+            model.check_config(None, model)
+    assert mine.read_text() == "keep\n"
+    judge = ReferenceMatchJudge()
+    assert judge.match("Answer: 9.81 m/s²", "9.81") and judge.match("g = 9.8 m/s^2 (about)", "9.81")
+    assert judge.match("Answer: 3e8 m/s", "3.0e8") and not judge.match("Answer: 2", "9.81")

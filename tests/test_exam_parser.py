@@ -33,6 +33,9 @@ CASES = [
     ("ＡＮＳＷＥＲ： Ｃ", 4, None, None, {2}, "cue"),
     ("La réponse est : option (d)", 4, None, None, {3}, "cue"),
     ("**Answer:** \\boxed{C}", 4, None, None, {2}, "cue"),
+    ("The final answer is \\[\\boxed{D}\\]", 4, None, None, {3}, "cue"),
+    ("Final answer is \\(D\\)", 4, None, None, {3}, "cue"),
+    ("Answer: \\(\\mathbf{D}\\)", 4, None, None, {3}, "cue"),
     ("Final answer is [C]", 4, None, None, {2}, "cue"),
     ("The answer is clearly option B because the rest fail.", 4, None, None, {1}, "cue"),
     # the last cue followed by an answer wins

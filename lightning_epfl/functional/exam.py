@@ -107,16 +107,19 @@ class ParsedAnswer(NamedTuple):
 
 _LATEX_WRAP = re.compile(r"\\(?:boxed|text|textbf|mathrm|mathbf|fbox)\s*\{([^{}]*)\}")
 _MARKUP = re.compile(r"[*`$]|__")
+_MATH_DELIMITERS = re.compile(r"\\[\[\]()]")
 
 
 def _normalize(text: str) -> str:
-    """NFKC (maps non-breaking and narrow spaces to spaces), curly apostrophes to ``'``, LaTeX wrappers and
-    markdown emphasis removed; case is kept (an upper-case ``A`` is read differently from the article ``a``)."""
+    """NFKC (maps non-breaking and narrow spaces to spaces), curly apostrophes to ``'``, LaTeX wrappers, math
+    delimiters and markdown emphasis removed; case is kept (an upper-case ``A`` is read differently from the article
+    ``a``)."""
     text = unicodedata.normalize("NFKC", text).replace("\u2019", "'").replace("\u2018", "'")
     for _ in range(3):  # nested \boxed{\text{B}}
         text, n = _LATEX_WRAP.subn(r"\1", text)
         if not n:
             break
+    text = _MATH_DELIMITERS.sub(" ", text)  # \[ ... \] and \( ... \) display / inline math
     return _MARKUP.sub("", text)
 
 

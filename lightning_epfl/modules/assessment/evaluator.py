@@ -305,9 +305,11 @@ class ExamEvaluator(pl.LightningModule):
     # ---- checks and set-up -------------------------------------------------------------------------------------------
 
     def check_config(self, trainer: Any, pl_module: Any, datamodule: Any = None) -> None:
-        """Before the run (CLI): refuse an explicit ``output_dir`` that already holds results."""
+        """Before the run (CLI): refuse an explicit ``output_dir`` that already holds results, or a judge export
+        file that exists or would replace them."""
         if self.output_dir is not None:
             _check_no_results(self.output_dir)
+            _check_judge_target(self.judge, os.path.abspath(self.output_dir))
 
     @override
     def setup(self, stage: str) -> None:
@@ -320,6 +322,7 @@ class ExamEvaluator(pl.LightningModule):
             folder = os.path.join(base, "assessment")
         self._resolved_output = os.path.abspath(folder)
         _check_no_results(self._resolved_output)
+        _check_judge_target(self.judge, self._resolved_output)
 
     def _start(self, stage: str) -> None:
         from lightning_epfl.metrics.exam import ExamOutcomeMatrix
@@ -696,6 +699,9 @@ class ExamEvaluator(pl.LightningModule):
                 subset = [r for r in records if r[field] == value]
                 if subset:
                     summary["groups"][value] = local(subset)
+        mcq = summary["groups"].get("mcq", {})
+        for key in [k for k in summary["overall"] if k.startswith("unparsed/")]:  # a share of the MCQs only
+            summary["overall"][key] = mcq.get(key, 0.0)
         if any(r["scoring"] == "loglikelihood" for r in records):
             norm = local(records, norm=True)
             for name in self.strategy_names:
@@ -834,6 +840,24 @@ def _check_no_results(folder: str) -> None:
         raise FileExistsError(
             f"`output_dir` {folder!r} already holds evaluation results ({', '.join(found)}); results are never "
             "overwritten: choose another `output_dir` or move them away."
+        )
+
+
+def _check_judge_target(judge: Any, folder: str) -> None:
+    """Raise when the judge's export file (``ExportOnlyJudge``) exists already or is one of the result files."""
+    target = getattr(judge, "target", None)
+    if not callable(target):
+        return
+    path = os.path.abspath(target(folder))
+    if os.path.dirname(path) == folder and os.path.basename(path) in RESULT_FILES:
+        raise ValueError(
+            f"the judge's `path` {path!r} is one of the evaluation's own result files {list(RESULT_FILES)}; choose "
+            "another file name."
+        )
+    if os.path.exists(path):
+        raise FileExistsError(
+            f"the judge's `path` {path!r} exists already; exports are never overwritten: choose another path or move "
+            "the file away."
         )
 
 

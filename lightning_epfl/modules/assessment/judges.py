@@ -229,9 +229,14 @@ def _plain(text: str) -> str:
     return " ".join(text.split()).strip(" .,")
 
 
+_EXPONENT = re.compile(r"(?<=[A-Za-z)])(?<![\d.][eE])\s*(?:\^\s*\{?\s*[-+]?\d+\s*\}?|[-+]?\d+(?![\d.,]))")
+
+
 def _numbers(text: str) -> list[float]:
+    text = unicodedata.normalize("NFKC", text).replace("−", "-")
+    text = _EXPONENT.sub(" ", text)  # unit exponents: m/s² (s2 after NFKC), s^2, s^-2, s^{-2}
     out = []
-    for m in _NUMBER.finditer(unicodedata.normalize("NFKC", text).replace("−", "-")):
+    for m in _NUMBER.finditer(text):
         s = m.group(0)
         if "," in s and "." not in s and re.fullmatch(r"[-+]?\d+,\d+", s):
             s = s.replace(",", ".")  # French decimal comma
@@ -252,11 +257,11 @@ class ReferenceMatchJudge(OpenAnswerJudge):
     (``Final answer is``, ``Answer:``, ``La réponse finale est``, ``Réponse :``), or the whole answer without a cue.
 
     * When the reference holds exactly one number, the answer is correct when the last number of its final part is
-      within ``numeric_rtol`` (relative) of it.
+      within ``numeric_rtol`` (relative) of it; exponents of units (``m/s²``, ``s^2``, ``s^-2``) are not numbers.
     * Otherwise it is correct when the normalised reference (NFKC, case-folded, punctuation removed) occurs in the
       normalised final part on word boundaries.
 
-    Only "correct" and "wrong answer" are given.
+    Only "correct" and "wrong answer" are given. Negation is not understood: "it is not X" contains X.
 
     Args:
         numeric_rtol: Relative tolerance for numeric references. Default 0.01.
