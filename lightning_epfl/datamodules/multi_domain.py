@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_epfl.datamodules.streams import ResumableLoader, StreamPosition
-from lightning_epfl.datamodules.text import ByteTokenizer, TokenBlocks, load_tokenizer
+from lightning_epfl.datamodules.text import ByteTokenizer, LazyTokenizer, TokenBlocks
 from lightning_epfl.seeding import epoch_permutation, loader_generator
 
 __all__ = ["MultiDomainTextDataModule"]
@@ -46,7 +46,7 @@ class _LabelledBlocks(Dataset):
         return {"input_ids": self.blocks[d][i]["input_ids"], "domain": torch.tensor(d, dtype=torch.long)}
 
 
-class MultiDomainTextDataModule(LightningDataModule):
+class MultiDomainTextDataModule(LazyTokenizer, LightningDataModule):
     """Next-token blocks from several text domains, with balanced training batches and a domain id per sequence.
 
     Each domain's documents (:func:`~lightning_epfl.datamodules.domains.domain_documents`, at most ``max_chars``
@@ -116,21 +116,6 @@ class MultiDomainTextDataModule(LightningDataModule):
         self.val_blocks: list[TokenBlocks] = []
         self._tokenizer: Any = None
         self._train_position = StreamPosition(0)
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer (:class:`ByteTokenizer` by default), loaded on first access."""
-        if self._tokenizer is None:
-            try:
-                self._tokenizer = load_tokenizer(self.tokenizer_path)
-            except (ValueError, OSError, ImportError) as err:
-                raise MisconfigurationException(str(err)) from err
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """Vocabulary size (``len(tokenizer)``)."""
-        return len(self.tokenizer)
 
     def _encode(self, documents: list[str]) -> Tensor:
         if isinstance(self.tokenizer, ByteTokenizer):

@@ -174,7 +174,35 @@ class TokenBlocks(Dataset):
         return {"input_ids": self.tokens[start : start + self.block_size]}
 
 
-class TextDataModule(LightningDataModule):
+class LazyTokenizer:
+    """Mixin of the text datamodules: :attr:`tokenizer` loaded from ``self.tokenizer_path`` on first access
+    (:func:`load_tokenizer`; bytes when it is ``None``) and :attr:`vocab_size`. Subclasses set ``tokenizer_path``
+    and ``_tokenizer = None`` in ``__init__``."""
+
+    tokenizer_path: str | None
+    _tokenizer: Any
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (:class:`ByteTokenizer` or a ``transformers`` tokenizer), loaded on first access.
+
+        Raises:
+            MisconfigurationException: If ``tokenizer_path`` names no readable tokenizer.
+        """
+        if self._tokenizer is None:
+            try:
+                self._tokenizer = load_tokenizer(self.tokenizer_path)
+            except (ValueError, OSError, ImportError) as err:
+                raise MisconfigurationException(str(err)) from err
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size (``len(tokenizer)``)."""
+        return len(self.tokenizer)
+
+
+class TextDataModule(LazyTokenizer, LightningDataModule):
     """Causal-LM datamodule: documents → tokens → packed blocks, deterministic document-level split.
 
     Documents (pydoc topics, files, dataset rows; a single file is cut into paragraphs, and long paragraphs into runs
@@ -272,21 +300,6 @@ class TextDataModule(LightningDataModule):
         self.seed = seed
         self.datasets: dict[str, TokenBlocks] = {}
         self._train_position = StreamPosition(0)
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer (:class:`ByteTokenizer` or a ``transformers`` tokenizer), loaded on first access."""
-        if self._tokenizer is None:
-            try:
-                self._tokenizer = load_tokenizer(self.tokenizer_path)
-            except (ValueError, OSError, ImportError) as err:
-                raise MisconfigurationException(str(err)) from err
-        return self._tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """Vocabulary size (``len(tokenizer)``)."""
-        return len(self.tokenizer)
 
     # ------------------------------------------------------------------ documents
     def _files(self) -> list[str]:
