@@ -55,6 +55,7 @@ DEFAULT_ANSWER_CUES: dict[str, tuple[str, ...]] = {
         "The correct options are",
         "The correct option is",
         "The answers are",
+        "The answer to the question is",
         "The answer is",
         "Answers:",
         "Answer:",
@@ -66,6 +67,7 @@ DEFAULT_ANSWER_CUES: dict[str, tuple[str, ...]] = {
         "La bonne réponse est",
         "La réponse correcte est",
         "Les réponses sont",
+        "La réponse à la question est",
         "La réponse est",
         "Réponses :",
         "Réponse :",
@@ -124,7 +126,7 @@ def _normalize(text: str) -> str:
 
 
 _TOKEN = re.compile(
-    r"(?P<bracket>[\[(]\s*(?:[A-Za-z]|\d{1,2})\s*[\])])"
+    r"(?P<bracket>[\[(]\s*(?:[A-Za-z]|\d{1,2})\s*[\])]|\[\s*(?:[A-Z]|\d{1,2})\s*:(?=\s*[^\W\d_]))"
     r"|(?P<neg>n't(?![^\W_]))"
     r"|(?P<decimal>\d+(?:[.,]\d+)+)"
     r"|(?P<word>[^\W\d_]+(?:'[^\W\d_]+)*|\d+)"
@@ -400,13 +402,13 @@ def parse_mcq_answer(
        exactly one option (after a cue, the option text may also start the answer: ``"Answer: Paris, because …"``).
 
     Labels: letters ``A``, ``B``, … or numbers ``1``, ``2``, … (1-based in the text, 0-based in the result), bare,
-    bracketed (``[B]``, ``(b)``, ``(2)``) or followed by ``)``/``.``/``:``. A bare upper-case letter counts only when
-    the next token allows it (end, punctuation, ``and``/``et``, ``is``/``est``, ``because`` …), so the article in
-    ``"A common mistake …"`` and the pronoun in ``"I think …"`` are not answers; a bare lower-case letter counts only
-    before punctuation, the end of the text or ``and``/``et`` (``"Answer: b."``), never as the article ``a`` of a
-    sentence. Labels outside ``1..num_options`` are ignored; decimals (``2.5``, ``1,3``) are not labels. Markdown
-    emphasis, ``$``, backticks and ``\\boxed{}``/``\\text{}`` wrappers are removed first; the text is NFKC-normalised
-    (non-breaking spaces become spaces).
+    bracketed (``[B]``, ``(b)``, ``(2)``, ``[B: <option text>]``) or followed by ``)``/``.``/``:``. A bare upper-case
+    letter counts only when the next token allows it (end, punctuation, ``and``/``et``, ``is``/``est``, ``because`` …),
+    so the article in ``"A common mistake …"`` and the pronoun in ``"I think …"`` are not answers; a bare lower-case
+    letter counts only before punctuation, the end of the text or ``and``/``et`` (``"Answer: b."``), never as the
+    article ``a`` of a sentence. Labels outside ``1..num_options`` are ignored; decimals (``2.5``, ``1,3``) are not
+    labels. Markdown emphasis, ``$``, backticks and ``\\boxed{}``/``\\text{}`` wrappers are removed first; the text is
+    NFKC-normalised (non-breaking spaces become spaces).
 
     Args:
         text: The generated answer.
