@@ -482,13 +482,13 @@ def part_throughput(args: argparse.Namespace, generator: Any, data: dict[str, An
 
     pool = [q for q in load_exam(data["exam"]) if args.courses is None or q["course_id"] in args.courses]
     questions = random.Random(f"{args.seed}:throughput").sample(pool, min(args.tp_prompts, len(pool)))
-    strategy = get_strategy("zero_shot")
+    strategy = get_strategy(args.tp_strategy)
     prompts = [strategy.messages(q, [], "en") for q in questions]
     settings = GenerationSettings(max_new_tokens=args.tp_new_tokens)
     prompt_tokens = sum(generator.count_tokens(p) for p in prompts)
-    print(f"\n## Generation throughput: {len(prompts)} zero-shot MMLU prompts ({prompt_tokens} prompt tokens), greedy, "
-          f"max_new_tokens {args.tp_new_tokens}, {torch.get_num_threads()} thread(s), same prompts and settings for "
-          "every batch size\n")  # fmt: skip
+    print(f"\n## Generation throughput: {len(prompts)} {args.tp_strategy} MMLU prompts ({prompt_tokens} prompt "
+          f"tokens), greedy, max_new_tokens {args.tp_new_tokens}, {torch.get_num_threads()} thread(s), same prompts "
+          "and settings for every batch size\n")  # fmt: skip
     HFGenerator(model=generator.model, tokenizer=generator.tokenizer, batch_size=1)(prompts[:1], settings)  # warm-up
     runs: dict[int, dict[str, Any]] = {}
     for b in sorted(set(args.tp_batch_sizes) | {1}):
@@ -548,6 +548,12 @@ def main() -> None:
     parser.add_argument("--ll-limit", type=int, default=None, help="log-likelihood on this many questions only")
     parser.add_argument("--ll-target", default="label", choices=["text", "label"])
     parser.add_argument("--tp-prompts", type=int, default=16)
+    parser.add_argument(
+        "--tp-strategy",
+        default="zero_shot",
+        choices=["zero_shot", "zero_shot_cot"],
+        help="prompts of the throughput part (zero_shot_cot: long, decoding-bound answers)",
+    )
     parser.add_argument("--tp-new-tokens", type=int, default=32)
     parser.add_argument("--tp-batch-sizes", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--threads", type=int, default=2)
