@@ -19,9 +19,10 @@ printed as Markdown tables:
 2. **loglikelihood**: ``ExamEvaluator(scoring="loglikelihood")`` on all 1,938 questions (``--ll-limit`` for a subset):
    the zero-shot prompt and its answer cue, then each option scored as in lm-evaluation-harness; ``acc`` (summed
    log-probability) and ``acc_norm`` (divided by the continuation's length in characters), chance 0.25, accuracy
-   per program. ``--ll-target label`` (default) scores the option numbers (one forward per question: the labels
-   are single tokens read at the prompt's last position), ``text`` the option texts (one forward per option).
-3. **throughput**: ``HFGenerator`` on the same zero-shot prompts (``--tp-prompts`` questions, greedy,
+   per program. ``--ll-target label`` (default) scores the option numbers (one forward per question: " 1" ... " 4"
+   differ only in their last token), ``text`` the option texts (one forward per option).
+3. **throughput**: ``HFGenerator`` on zero-shot (or ``--tp-strategy zero_shot_cot``) prompts (``--tp-prompts``
+   questions, greedy,
    ``--tp-new-tokens``) one prompt at a time and in batches of ``--tp-batch-sizes``: questions/s, generated tokens/s,
    the speed-up over one-at-a-time generation, and how many outputs are identical to the one-at-a-time outputs.
 
