@@ -357,9 +357,13 @@ def test_console_script(tmp_path, capsys):
     assert convert_exam_cli(["validate", str(out)]) == 0
     q, c = _nlp4education_files(tmp_path)
     assert convert_exam_cli(["nlp4education", str(q), str(c), str(tmp_path / "n.jsonl")]) == 0
+    before = out.read_text()
+    assert convert_exam_cli(["mmlu-csv", str(folder), str(out)]) == 2  # an existing output is kept
+    assert "exists; give another output path or --overwrite" in capsys.readouterr().err and out.read_text() == before
     (folder / "broken_test.csv").write_text("q,a,b,A\n")
-    assert convert_exam_cli(["mmlu-csv", str(folder), str(out)]) == 2
+    assert convert_exam_cli(["mmlu-csv", str(folder), str(out), "--overwrite"]) == 2
     assert re.search(r"error: .*broken_test.csv:1: expected 6 columns", capsys.readouterr().err)
+    assert out.read_text() == before
     with pytest.raises(SystemExit):
         convert_exam_cli(["xml", "a", "b"])
     pyproject = (ROOT / "pyproject.toml").read_text()

@@ -1038,8 +1038,10 @@ def convert_exam_cli(argv: Sequence[str] | None = None) -> int:
 
     Subcommands::
 
-        lightning-epfl-convert-exam mmlu-csv FOLDER OUTPUT [--programs PROGRAMS_JSON]
-        lightning-epfl-convert-exam nlp4education QUESTIONS_JSON COURSES_JSON OUTPUT [--skip-invalid]
+        lightning-epfl-convert-exam mmlu-csv FOLDER OUTPUT [--programs PROGRAMS_JSON] [--overwrite]
+        lightning-epfl-convert-exam nlp4education QUESTIONS_JSON COURSES_JSON OUTPUT [--skip-invalid] [--overwrite]
+
+    An existing OUTPUT is refused unless ``--overwrite`` is given.
         lightning-epfl-convert-exam validate EXAM_JSONL
 
     Returns:
@@ -1060,8 +1062,12 @@ def convert_exam_cli(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--skip-invalid", action="store_true", help="skip questions that fail a check")
     p = sub.add_parser("validate", help="check an exam JSONL file")
     p.add_argument("path")
+    for name in ("mmlu-csv", "nlp4education"):
+        sub.choices[name].add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     try:
+        if args.format != "validate" and os.path.exists(args.output) and not args.overwrite:
+            raise FileExistsError(f"{args.output!r} exists; give another output path or --overwrite.")
         if args.format == "mmlu-csv":
             n = convert_mmlu_csv(args.folder, args.output, programs=args.programs)
             print(f"wrote {n} questions to {args.output}")
@@ -1071,7 +1077,7 @@ def convert_exam_cli(argv: Sequence[str] | None = None) -> int:
         else:
             n = len(load_exam(args.path))
             print(f"{args.path}: {n} valid questions")
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
