@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_epfl.datamodules.streams import ResumableLoader, StreamPosition
-from lightning_epfl.datamodules.text import ByteTokenizer, LazyTokenizer, TokenBlocks
+from lightning_epfl.datamodules.text import LazyTokenizer, TokenBlocks
 from lightning_epfl.seeding import epoch_permutation, loader_generator
 
 __all__ = ["MultiDomainTextDataModule"]
@@ -116,17 +116,6 @@ class MultiDomainTextDataModule(LazyTokenizer, LightningDataModule):
         self.val_blocks: list[TokenBlocks] = []
         self._tokenizer: Any = None
         self._train_position = StreamPosition(0)
-
-    def _encode(self, documents: list[str]) -> Tensor:
-        if isinstance(self.tokenizer, ByteTokenizer):
-            return torch.tensor(list("\n".join(documents).encode("utf-8")), dtype=torch.long)
-        eos = self.tokenizer.eos_token_id
-        ids: list[int] = []
-        for d in documents:
-            ids += self.tokenizer(d, add_special_tokens=False)["input_ids"]
-            if eos is not None:
-                ids.append(eos)
-        return torch.tensor(ids, dtype=torch.long)
 
     def split_documents(self, documents: list[str], seed: int) -> tuple[list[str], list[str]]:
         """``(train, val)`` documents: a seeded shuffle, then documents go to validation until it holds

@@ -201,6 +201,18 @@ class LazyTokenizer:
         """Vocabulary size (``len(tokenizer)``)."""
         return len(self.tokenizer)
 
+    def _encode(self, documents: list[str]) -> torch.Tensor:
+        """The documents as one id stream ``[N]``: bytes joined by newlines, or subword ids each followed by EOS."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return torch.tensor(list("\n".join(documents).encode("utf-8")), dtype=torch.long)
+        eos = self.tokenizer.eos_token_id
+        ids: list[int] = []
+        for d in documents:
+            ids += self.tokenizer(d, add_special_tokens=False)["input_ids"]
+            if eos is not None:
+                ids.append(eos)
+        return torch.tensor(ids, dtype=torch.long)
+
 
 class TextDataModule(LazyTokenizer, LightningDataModule):
     """Causal-LM datamodule: documents → tokens → packed blocks, deterministic document-level split.
@@ -372,17 +384,6 @@ class TextDataModule(LazyTokenizer, LightningDataModule):
                 i += 1
         splits["train"] = [documents[j] for j in order[i:]]
         return splits
-
-    def _encode(self, documents: list[str]) -> torch.Tensor:
-        if isinstance(self.tokenizer, ByteTokenizer):
-            return torch.tensor(list("\n".join(documents).encode("utf-8")), dtype=torch.long)
-        eos = self.tokenizer.eos_token_id
-        ids: list[int] = []
-        for d in documents:
-            ids += self.tokenizer(d, add_special_tokens=False)["input_ids"]
-            if eos is not None:
-                ids.append(eos)
-        return torch.tensor(ids, dtype=torch.long)
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str | None = None) -> None:
