@@ -32,8 +32,13 @@ _MAX_DOMAINS = 64
 """Domain ids the domain NMI accepts when the datamodule does not name its domains."""
 
 
-def plot_expert_load(load: Tensor, title: str | None = None) -> Any:
+def plot_expert_load(load: Tensor, title: str | None = None, blocks: list[int] | None = None) -> Any:
     """Heatmap of the utilization ``load · E`` (1 = the balanced share) of ``load`` ``[layers, E]``.
+
+    Args:
+        load: Expert load fractions ``[layers, E]`` (rows sum to 1).
+        title: Figure title. Default: ``"expert utilization (load x E)"``.
+        blocks: Block index of each row (the ``L<i>`` of the logged keys). Default: ``0 .. layers - 1``.
 
     Returns:
         A matplotlib ``Figure`` not registered with pyplot (save it with :func:`lightning_epfl.utilities.save_figure`).
@@ -43,7 +48,9 @@ def plot_expert_load(load: Tensor, title: str | None = None) -> Any:
     ax = fig.add_subplot(1, 1, 1)
     image = ax.imshow(util, aspect="auto", cmap="viridis", vmin=0.0)
     ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
+    ax.set_ylabel("block")
+    rows = list(range(load.shape[0]))
+    ax.set_yticks(rows, [str(b) for b in (blocks if blocks is not None else rows)])
     ax.set_title(title or "expert utilization (load x E)")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
@@ -280,7 +287,8 @@ class ExpertUtilizationMonitor(Callback):
         if loads is None:
             return
         folder = self.dirpath or trainer.log_dir or trainer.default_root_dir
-        fig = plot_expert_load(loads, f"validation expert utilization, step {trainer.global_step}")
+        blocks = [getattr(layer, "layer_index", i) for i, layer in enumerate(self._layers[: len(loads)])]
+        fig = plot_expert_load(loads, f"validation expert utilization, step {trainer.global_step}", blocks)
         save_figure(fig, os.path.join(folder, f"expert_load_step{trainer.global_step}.png"))
 
     @override
