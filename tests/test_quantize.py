@@ -1,5 +1,6 @@
 import pytest
 import torch
+from calibration_data import calibration, gen
 
 from lightning_epfl.functional.quantize import (
     HessianAccumulator,
@@ -13,21 +14,6 @@ from lightning_epfl.functional.quantize import (
 )
 
 F64 = torch.float64
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _calibration(seed: int, n: int = 256, d_in: int = 32, d_out: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs with strongly correlated features (low-rank + noise, uneven scales) and a random weight."""
-    g = _gen(seed)
-    latent = torch.randn(n, 6, generator=g, dtype=F64)
-    mix = torch.randn(6, d_in, generator=g, dtype=F64)
-    x = latent @ mix + 0.3 * torch.randn(n, d_in, generator=g, dtype=F64)
-    x = x * torch.linspace(0.5, 2.0, d_in, dtype=F64)
-    w = torch.randn(d_out, d_in, generator=g, dtype=F64)
-    return x, w
 
 
 def _hessian(x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +77,7 @@ def test_symmetric_representable_values_round_trip(bits):
     qmax = 2 ** (bits - 1) - 1
     s = 2.0**-3
     k = torch.arange(-qmax, qmax + 1, dtype=F64)
-    rows = torch.stack([k[torch.randperm(k.numel(), generator=_gen(r))] for r in range(3)])
+    rows = torch.stack([k[torch.randperm(k.numel(), generator=gen(r))] for r in range(3)])
     x = rows * s * torch.tensor([[1.0], [4.0], [0.5]], dtype=F64)  # per-row power-of-two scales, max included
     assert torch.equal(quantize_symmetric(x, bits), x)
     assert torch.equal(quantize_symmetric(x.T.contiguous(), bits, dim=0), x.T)
@@ -103,14 +89,14 @@ def test_asymmetric_representable_values_round_trip(bits):
     s = 2.0**-4
     for zero in (0, 1, maxq // 2, maxq):
         k = torch.arange(0, maxq + 1, dtype=F64)
-        x = ((k - zero) * s)[torch.randperm(k.numel(), generator=_gen(zero))][None, :]
+        x = ((k - zero) * s)[torch.randperm(k.numel(), generator=gen(zero))][None, :]
         assert torch.equal(quantize_asymmetric(x, bits), x)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_error_at_most_half_step(symmetric, bits):
-    x = torch.randn(8, 64, generator=_gen(0), dtype=F64) * torch.linspace(0.1, 5, 8, dtype=F64)[:, None]
+    x = torch.randn(8, 64, generator=gen(0), dtype=F64) * torch.linspace(0.1, 5, 8, dtype=F64)[:, None]
     if symmetric:
         scale = x.abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
         y = quantize_symmetric(x, bits)
@@ -150,19 +136,19 @@ def test_asymmetric_clipping_saturates():
 @pytest.mark.parametrize("fn", [quantize_symmetric, quantize_asymmetric])
 def test_grouped_equals_loop_over_groups(fn):
     g = 6
-    x = torch.randn(3, 24, generator=_gen(1), dtype=F64)
+    x = torch.randn(3, 24, generator=gen(1), dtype=F64)
     expected = torch.cat([fn(x[:, i : i + g], 3) for i in range(0, 24, g)], dim=1)
     assert torch.equal(fn(x, 3, group_size=g), expected)
     # along dim 0 of the transposed tensor
     assert torch.equal(fn(x.T.contiguous(), 3, dim=0, group_size=g), expected.T)
     # per-group clip ratios [rows, groups, 1]
-    clip = torch.rand(3, 4, 1, generator=_gen(2), dtype=F64) * 0.5 + 0.5
+    clip = torch.rand(3, 4, 1, generator=gen(2), dtype=F64) * 0.5 + 0.5
     expected = torch.cat([fn(x[:, i : i + g], 3, clip_ratio=clip[:, i // g]) for i in range(0, 24, g)], dim=1)
     assert torch.equal(fn(x, 3, group_size=g, clip_ratio=clip), expected)
 
 
 def test_activation_per_token_shape_and_dtype():
-    x = torch.randn(2, 5, 16, generator=_gen(3))
+    x = torch.randn(2, 5, 16, generator=gen(3))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for fn in (quantize_symmetric, quantize_asymmetric):
             y = fn(x.to(dtype), 4, group_size=8)
@@ -173,7 +159,7 @@ def test_activation_per_token_shape_and_dtype():
 
 @pytest.mark.parametrize("fn", [quantize_symmetric, quantize_asymmetric])
 def test_zero_groups_stay_zero(fn):
-    x = torch.randn(3, 8, generator=_gen(4), dtype=F64)
+    x = torch.randn(3, 8, generator=gen(4), dtype=F64)
     x[1] = 0
     x[2, :4] = 0
     y = fn(x, 4, group_size=4)
@@ -183,7 +169,7 @@ def test_zero_groups_stay_zero(fn):
 
 
 def test_idempotence():
-    x = torch.randn(6, 32, generator=_gen(5), dtype=F64)
+    x = torch.randn(6, 32, generator=gen(5), dtype=F64)
     y = quantize_symmetric(x, 4)
     torch.testing.assert_close(quantize_symmetric(y, 4), y, rtol=1e-14, atol=0)
     y = quantize_symmetric(x, 4, group_size=8)
@@ -199,7 +185,7 @@ def test_idempotence():
 @pytest.mark.parametrize("group_size", [None, 8])
 def test_search_clip_ratio_matches_brute_force(symmetric, group_size):
     bits, grid, max_shrink, norm = 3, 20, 0.5, 2.4
-    w = torch.randn(5, 16, generator=_gen(6), dtype=F64)
+    w = torch.randn(5, 16, generator=gen(6), dtype=F64)
     w[0, 3] = 8.0  # an outlier: clipping pays off
     fn = quantize_symmetric if symmetric else quantize_asymmetric
     got = search_clip_ratio(
@@ -218,7 +204,7 @@ def test_search_clip_ratio_matches_brute_force(symmetric, group_size):
 
 
 def test_rtn_uses_searched_clip():
-    w = torch.randn(4, 32, generator=_gen(7), dtype=F64)
+    w = torch.randn(4, 32, generator=gen(7), dtype=F64)
     clip = search_clip_ratio(w, 4, group_size=8)
     assert torch.equal(rtn_quantize(w, 4, group_size=8), quantize_symmetric(w, 4, group_size=8, clip_ratio=clip))
     assert torch.equal(rtn_quantize(w, 4, clip_search=False, symmetric=False), quantize_asymmetric(w, 4))
@@ -233,8 +219,8 @@ def test_rtn_uses_searched_clip():
 @pytest.mark.parametrize("group_size", [None, 4])
 @pytest.mark.parametrize("clip_search", [False, True])
 def test_gptq_matches_unbatched_reference(symmetric, group_size, clip_search):
-    x, _ = _calibration(0, n=64, d_in=12)
-    w = torch.randn(6, 12, generator=_gen(8), dtype=F64)
+    x, _ = calibration(0, n=64, d_in=12)
+    w = torch.randn(6, 12, generator=gen(8), dtype=F64)
     h = _hessian(x)
     kw = dict(bits=3, group_size=group_size, clip_search=clip_search, symmetric=symmetric)
     expected = _reference_gptq(w, h, **kw)
@@ -245,7 +231,7 @@ def test_gptq_matches_unbatched_reference(symmetric, group_size, clip_search):
 
 
 def test_gptq_act_order_matches_permuted_reference():
-    x, w = _calibration(1, n=64, d_in=12, d_out=5)
+    x, w = calibration(1, n=64, d_in=12, d_out=5)
     h = _hessian(x)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True)
     expected = _reference_gptq(w[:, perm], h[perm][:, perm], bits=4)[:, torch.argsort(perm)]
@@ -258,7 +244,7 @@ def test_gptq_act_order_matches_permuted_reference():
 @pytest.mark.parametrize("group_size", [None, 8])
 @pytest.mark.parametrize("clip_search", [False, True])
 def test_gptq_identity_hessian_equals_rtn(symmetric, group_size, clip_search):
-    w = torch.randn(8, 32, generator=_gen(9), dtype=F64)
+    w = torch.randn(8, 32, generator=gen(9), dtype=F64)
     got = gptq_quantize(
         w, torch.eye(32, dtype=F64), bits=4, group_size=group_size, clip_search=clip_search, symmetric=symmetric
     )
@@ -269,7 +255,7 @@ def test_gptq_identity_hessian_equals_rtn(symmetric, group_size, clip_search):
 @pytest.mark.parametrize("bits", [4, 3])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gptq_output_error_not_worse_than_rtn(bits, seed):
-    x, w = _calibration(seed)
+    x, w = calibration(seed)
     acc = HessianAccumulator()
     for chunk in x.split(100):
         acc.add(chunk)
@@ -283,7 +269,7 @@ def test_gptq_output_error_not_worse_than_rtn(bits, seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gptq_act_order_valid_grid_and_better_than_rtn(seed):
     bits = 4
-    x, w = _calibration(seed)
+    x, w = calibration(seed)
     h = _hessian(x)
     got = gptq_quantize(w, h, bits=bits, act_order=True)
     clip = search_clip_ratio(w, bits)
@@ -297,7 +283,7 @@ def test_gptq_act_order_valid_grid_and_better_than_rtn(seed):
 
 
 def test_gptq_dead_inputs_and_float32():
-    x, w = _calibration(3, n=64, d_in=16, d_out=4)
+    x, w = calibration(3, n=64, d_in=16, d_out=4)
     x[:, [2, 7]] = 0
     h = _hessian(x)
     got = gptq_quantize(w, h, bits=4, group_size=4)
@@ -313,7 +299,7 @@ def test_gptq_dead_inputs_and_float32():
 def test_obs_sweep_generic_column_rule_and_group_hook():
     """A pruning-style rule (zero the smallest half of each column) matches the plain loop for any block size, and
     the group hook sees the exact current weights."""
-    x, w = _calibration(4, n=64, d_in=10, d_out=6)
+    x, w = calibration(4, n=64, d_in=10, d_out=6)
     h = _hessian(x)
     upper = inverse_hessian_cholesky(h)
 
@@ -347,7 +333,7 @@ def test_obs_sweep_generic_column_rule_and_group_hook():
 
 
 def test_inverse_hessian_cholesky():
-    x, _ = _calibration(5, n=64, d_in=8)
+    x, _ = calibration(5, n=64, d_in=8)
     x[:, 3] = 0
     h = _hessian(x)
     upper = inverse_hessian_cholesky(h, damp=0.05)
@@ -360,7 +346,7 @@ def test_inverse_hessian_cholesky():
 
 
 def test_hessian_accumulator():
-    g = _gen(10)
+    g = gen(10)
     batches = [torch.randn(2, 5, 6, generator=g), torch.randn(7, 6, generator=g), torch.randn(0, 6)]
     acc = HessianAccumulator()
     for b in batches:

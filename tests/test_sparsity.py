@@ -1,5 +1,6 @@
 import pytest
 import torch
+from calibration_data import calibration, gen
 
 from lightning_epfl.functional.quantize import HessianAccumulator, quantize_symmetric
 from lightning_epfl.functional.sparsity import (
@@ -12,19 +13,6 @@ from lightning_epfl.functional.sparsity import (
 )
 
 F64 = torch.float64
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _calibration(seed: int, n: int = 256, d_in: int = 32, d_out: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Correlated inputs (low rank + noise, uneven feature scales) and a random weight."""
-    g = _gen(seed)
-    latent = torch.randn(n, 6, generator=g, dtype=F64)
-    x = latent @ torch.randn(6, d_in, generator=g, dtype=F64) + 0.3 * torch.randn(n, d_in, generator=g, dtype=F64)
-    x = x * torch.linspace(0.5, 2.0, d_in, dtype=F64)
-    return x, torch.randn(d_out, d_in, generator=g, dtype=F64)
 
 
 def _hessian(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +28,7 @@ def _hessian(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 3)])
 def test_nm_exact_counts(n, m):
-    w = torch.randn(7, 24, generator=_gen(0))
+    w = torch.randn(7, 24, generator=gen(0))
     mask = magnitude_mask(w, pattern="n:m", n=n, m=m)
     assert mask.dtype == torch.bool and mask.shape == w.shape
     assert torch.all(mask.reshape(7, 24 // m, m).sum(-1) == n)
@@ -53,7 +41,7 @@ def test_nm_exact_counts(n, m):
 
 @pytest.mark.parametrize("sparsity,expect", [(0.5, 10), (0.25, 15), (0.0, 20), (0.7, 6), (0.975, 1), (0.99, 0)])
 def test_unstructured_exact_counts_row_and_tensor(sparsity, expect):
-    w = torch.randn(6, 20, generator=_gen(1))
+    w = torch.randn(6, 20, generator=gen(1))
     row = magnitude_mask(w, sparsity, pattern="unstructured", scope="row")
     assert torch.all(row.sum(1) == expect)
     tensor = magnitude_mask(w, sparsity, pattern="unstructured", scope="tensor")
@@ -78,26 +66,26 @@ def test_stable_tie_breaking_keeps_lower_indices():
 
 
 def test_custom_scores_and_nd():
-    w = torch.randn(4, 8, generator=_gen(2))
+    w = torch.randn(4, 8, generator=gen(2))
     scores = torch.arange(32.0).reshape(4, 8)
     mask = magnitude_mask(w, pattern="n:m", scores=scores)
     assert mask[0].tolist() == [False, False, True, True] * 2
-    w3 = torch.randn(2, 3, 8, generator=_gen(3))
+    w3 = torch.randn(2, 3, 8, generator=gen(3))
     assert torch.all(magnitude_mask(w3, 0.5, pattern="unstructured").sum(-1) == 4)
 
 
 def test_wanda_uniform_norms_equals_magnitude():
-    w = torch.randn(8, 16, generator=_gen(4), dtype=F64)
+    w = torch.randn(8, 16, generator=gen(4), dtype=F64)
     s = wanda_scores(w, torch.full((16,), 3.7, dtype=F64))
     for kw in [{"pattern": "n:m"}, {"pattern": "unstructured", "scope": "row"}]:
         assert torch.equal(magnitude_mask(w, 0.5, scores=s, **kw), magnitude_mask(w, 0.5, **kw))
 
 
 def test_wanda_scores_and_input_norms():
-    x = torch.randn(3, 5, 4, generator=_gen(5), dtype=F64)
+    x = torch.randn(3, 5, 4, generator=gen(5), dtype=F64)
     norms = input_norms(x)
     assert torch.allclose(norms, x.reshape(-1, 4).norm(dim=0))
-    w = torch.randn(2, 4, generator=_gen(6), dtype=F64)
+    w = torch.randn(2, 4, generator=gen(6), dtype=F64)
     assert torch.allclose(wanda_scores(w, norms), w.abs() * norms)
     # a feature with huge activations protects its weights
     big = torch.tensor([1.0, 1.0, 100.0, 1.0], dtype=F64)
@@ -118,7 +106,7 @@ def _out_err(x, w, w_hat):
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("pattern", ["unstructured", "n:m"])
 def test_sparsegpt_beats_magnitude(seed, pattern):
-    x, w = _calibration(seed)
+    x, w = calibration(seed)
     pruned, mask = sparsegpt_prune(w, _hessian(x), sparsity=0.5, pattern=pattern, mask_block=8, block_size=8)
     mag = w * magnitude_mask(w, 0.5, pattern=pattern, scope="row")
     assert bool((pruned[~mask] == 0).all())
@@ -130,7 +118,7 @@ def test_sparsegpt_beats_magnitude(seed, pattern):
 
 
 def test_sparsegpt_block_size_invariant():
-    x, w = _calibration(7)
+    x, w = calibration(7)
     h = _hessian(x)
     a, ma = sparsegpt_prune(w, h, pattern="n:m", block_size=4)
     b, mb = sparsegpt_prune(w, h, pattern="n:m", block_size=32)
@@ -139,7 +127,7 @@ def test_sparsegpt_block_size_invariant():
 
 def test_sparsegpt_identity_hessian_equals_magnitude():
     # H = I: U is diagonal, so no OBS update and the saliency is w^2 times a constant -> the magnitude mask.
-    w = torch.randn(8, 32, generator=_gen(8), dtype=F64)
+    w = torch.randn(8, 32, generator=gen(8), dtype=F64)
     eye = torch.eye(32, dtype=F64)
     pruned, mask = sparsegpt_prune(w, eye, sparsity=0.5, pattern="unstructured", mask_block=32)
     expect = magnitude_mask(w, 0.5, pattern="unstructured", scope="row")
@@ -154,7 +142,7 @@ def test_sparsegpt_identity_hessian_equals_magnitude():
 
 
 def test_sparsegpt_joint_quantization():
-    x, w = _calibration(9)
+    x, w = calibration(9)
     scale = w.abs().amax(1) / 7  # fixed per-row INT4 grid
 
     def qfn(col, j):
@@ -169,7 +157,7 @@ def test_sparsegpt_joint_quantization():
 
 
 def test_sparsegpt_dead_inputs_and_float32():
-    x, w = _calibration(10)
+    x, w = calibration(10)
     x[:, 3] = 0
     pruned, mask = sparsegpt_prune(w.float(), _hessian(x), pattern="n:m")
     assert pruned.dtype == torch.float32 and bool((pruned[:, 3] == 0).all())
@@ -199,7 +187,7 @@ def test_sq_beats_qs_nested_student_t():
 
 
 def test_sparse_quantize_orders_and_mask_reapplied():
-    w = torch.randn(4, 32, generator=_gen(11), dtype=F64)
+    w = torch.randn(4, 32, generator=gen(11), dtype=F64)
     mask = magnitude_mask(w, 0.5, pattern="unstructured")
     # SQ re-derives scales after masking: equal to quantizing the masked tensor
     sq = sparse_quantize(w, mask, _int4_g32)

@@ -106,9 +106,9 @@ class ExamEvaluator(pl.LightningModule):
 
     Output folder (``output_dir``): ``records.jsonl`` (``records.rank<r>.jsonl`` per process; one line per
     (question, strategy): prompts, raw outputs, parse status, score, judge, seeds; padding duplicates of a
-    distributed sampler appear in the file of the process that answered them), ``summary.json``, ``summary.csv``,
-    ``summary.md`` (per-strategy and aggregate accuracy with the chance level of uniform guessing next to it,
-    per-program pass rates), ``acc_by_strategy.png`` and ``acc_by_program.png``. Every file is written to a
+    distributed sampler appear in the file of the process that answered them), the summary as JSON, CSV and
+    Markdown (``summary.{json,csv,md}``: per-strategy and aggregate accuracy with the chance level of uniform guessing
+    next to it, per-program pass rates), ``acc_by_strategy.png`` and ``acc_by_program.png``. Every file is written to a
     temporary name and renamed.
 
     Args:
